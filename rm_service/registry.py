@@ -1,0 +1,161 @@
+"""Reward-model registry: versioned directories, a manifest each, a CURRENT pointer.
+
+Layout::
+
+    registry/
+      CURRENT                  text: the served version's name (replaced by atomic rename)
+      v0001/manifest.json      written last inside the staging dir; lists every file's sha256
+      v0001/adapter/...        PEFT adapter (safetensors) incl. the scalar head
+      .staging-*/              a publish in progress (never served; removed by the next publish)
+
+Publishing builds the version in a staging directory, writes the manifest, fsyncs, renames the
+directory into place, and only then switches CURRENT. A SIGKILL at any point leaves either the
+old CURRENT or the new, complete version; a half-written version is never served. Loading checks
+every file against the manifest's sha256, so a corrupt file is refused with a reason instead of
+serving garbage. Paths are confined to the registry root (version names are validated).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from salmon.atomic import atomic_write_json, atomic_write_text, fsync_dir
+
+VERSION_RE = re.compile(r"^v\d{4,}$")
+MANIFEST = "manifest.json"
+CURRENT = "CURRENT"
+
+
+class RegistryError(ValueError):
+    """A registry or version that cannot be used; the message says why."""
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    version: str
+    kind: str = Field(default="sequence_classifier", description="What the version holds.")
+    base_model: str = Field(description="Model source of the backbone ('embedded' or a local path).")
+    adapter: str | None = Field(default="adapter", description="PEFT adapter dir inside the version.")
+    reward_mean: float = 0.0
+    reward_std: float = 1.0
+    prompt_format_version: str
+    data_hash: str | None = None
+    parent_version: str | None = None
+    eval_metrics: dict[str, Any] = Field(default_factory=dict)
+    created_at: float = Field(default_factory=time.time)
+    files: dict[str, str] = Field(default_factory=dict, description="relative path -> sha256")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Registry:
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).resolve()
+
+    # -- reading ------------------------------------------------------------------------------
+    def versions(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir()
+                      if p.is_dir() and VERSION_RE.match(p.name) and (p / MANIFEST).is_file())
+
+    def current(self) -> str | None:
+        try:
+            name = (self.root / CURRENT).read_text().strip()
+        except FileNotFoundError:
+            return None
+        return name or None
+
+    def path(self, version: str) -> Path:
+        if not VERSION_RE.match(version or ""):
+            raise RegistryError(f"{version!r} is not a version name (expected v0001, v0002, …)")
+        p = (self.root / version).resolve()
+        if p.parent != self.root:
+            raise RegistryError(f"version {version!r} resolves outside the registry {self.root}")
+        return p
+
+    def manifest(self, version: str, verify: bool = True) -> Manifest:
+        vdir = self.path(version)
+        mpath = vdir / MANIFEST
+        if not mpath.is_file():
+            raise RegistryError(f"version {version} has no {MANIFEST} in {vdir} (missing or half-published)")
+        try:
+            m = Manifest.model_validate_json(mpath.read_bytes())
+        except ValidationError as e:
+            raise RegistryError(f"{mpath}: invalid manifest: {e.errors()[0]['msg']}") from None
+        if verify:
+            for rel, digest in m.files.items():
+                f = (vdir / rel).resolve()
+                if vdir not in f.parents:
+                    raise RegistryError(f"{mpath}: file {rel!r} points outside the version directory")
+                if not f.is_file():
+                    raise RegistryError(f"version {version}: file {rel} listed in the manifest is missing")
+                if _sha256(f) != digest:
+                    raise RegistryError(f"version {version}: file {rel} is corrupt (sha256 differs from the manifest)")
+            for f in vdir.rglob("*"):
+                if f.suffix in {".bin", ".pt", ".pth", ".pkl", ".pickle"}:
+                    raise RegistryError(
+                        f"version {version}: {f.name} is a pickle-format file; salmon loads safetensors only")
+        return m
+
+    # -- writing ------------------------------------------------------------------------------
+    def next_version(self) -> str:
+        existing = [int(v[1:]) for v in self.versions()]
+        staged = [int(p.name.split("-")[1][1:]) for p in self.root.glob(".staging-v*-*")
+                  if p.name.split("-")[1][1:].isdigit()] if self.root.is_dir() else []
+        return f"v{max(existing + staged + [0]) + 1:04d}"
+
+    def publish(self, build_dir: str | os.PathLike, manifest: dict[str, Any], make_current: bool = True,
+                version: str | None = None) -> str:
+        """Copy ``build_dir`` in as a new version with ``manifest``; switch CURRENT. Returns the version."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._clean_staging()
+        version = version or self.next_version()
+        final = self.path(version)
+        if final.exists():
+            raise RegistryError(f"version {version} already exists in {self.root}")
+        staging = Path(tempfile.mkdtemp(prefix=f".staging-{version}-", dir=self.root))
+        try:
+            shutil.copytree(build_dir, staging, dirs_exist_ok=True)
+            files = {}
+            for f in sorted(staging.rglob("*")):
+                if f.is_file() and f.name != MANIFEST:
+                    with open(f, "rb") as fh:
+                        os.fsync(fh.fileno())
+                    files[str(f.relative_to(staging))] = _sha256(f)
+            m = Manifest.model_validate({**manifest, "version": version, "files": files})
+            atomic_write_json(staging / MANIFEST, m.model_dump(mode="json"))
+            for d in [staging, *[p for p in staging.rglob("*") if p.is_dir()]]:
+                fsync_dir(d)
+            os.rename(staging, final)
+            fsync_dir(self.root)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        if make_current:
+            self.set_current(version)
+        return version
+
+    def set_current(self, version: str) -> None:
+        self.manifest(version, verify=False)
+        atomic_write_text(self.root / CURRENT, version + "\n")
+
+    def _clean_staging(self) -> None:
+        for p in self.root.glob(".staging-*"):
+            shutil.rmtree(p, ignore_errors=True)

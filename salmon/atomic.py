@@ -1,0 +1,82 @@
+"""Atomic file writes: temp file in the same directory + fsync + rename (+ fsync of the directory).
+
+A reader (or a rerun after SIGKILL) sees either the old file or the complete new one, never half.
+Every writer in salmon that produces a file another process reads goes through here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def jsonl_dumps(records: Iterable[Any]) -> str:
+    return "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in records)
+
+
+def atomic_write_jsonl(path: str | os.PathLike, records: Iterable[Any]) -> None:
+    atomic_write_text(path, jsonl_dumps(records))
+
+
+class JsonlError(ValueError):
+    """A malformed JSONL input; the message names the file and line."""
+
+
+def read_jsonl(path: str | os.PathLike) -> list[Any]:
+    path = Path(path)
+    out = []
+    try:
+        fh = open(path, encoding="utf-8")
+    except FileNotFoundError:
+        raise JsonlError(f"{path}: file not found") from None
+    with fh:
+        try:
+            for n, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise JsonlError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+        except UnicodeDecodeError as e:
+            raise JsonlError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    return out

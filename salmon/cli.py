@@ -1,0 +1,61 @@
+"""`salmon` — the one entry point. Each subcommand lives in its package's ``cli.main(argv)``.
+
+Imports are lazy so that ``salmon --help`` and a bad flag answer instantly (no torch import).
+Errors a user can fix end as one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("rm_service.cli", "run the principle-following reward-model service"),
+    "score": ("rm_service.cli", "score (prompt, response) pairs from the command line, no server"),
+    "check": ("rm_service.cli", "report every scorer's principle-flip rate on the labelled check set"),
+    "synth": ("data_synth.cli", "synthetic principle preferences: prompts, sample, judge, aggregate, watch"),
+    "rm-train": ("data_synth.cli", "train a principle-following reward model and publish a registry version"),
+    "train": ("policy_trainer.cli", "RL (grpo | rloo | ppo) with rewards from the service over HTTP"),
+    "demo": ("salmon.demo", "the whole loop on the embedded default, on one CPU machine"),
+    "bench": ("rm_service.bench", "benchmark scoring against its limit and a baseline"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: salmon <command> [options]", "", "commands:"]
+    lines += [f"  {name:<9} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "`salmon <command> --help` for a command's options."]
+    return "\n".join(lines)
+
+
+class CLIError(Exception):
+    """An error the user can fix; printed as one line, exit code 2."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help", "help"}:
+        print(_usage())
+        return 0
+    if argv[0] in {"-V", "--version"}:
+        from salmon import __version__
+
+        print(f"salmon {__version__}")
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        print(f"salmon: unknown command {cmd!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[cmd][0])
+    try:
+        return int(module.main([cmd, *rest]) or 0)
+    except CLIError as e:
+        print(f"salmon {cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"salmon {cmd}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

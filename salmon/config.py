@@ -1,0 +1,63 @@
+"""YAML config files validated by pydantic: the one loader for run, job and service configs.
+
+Errors are one line that names the file, the field and what is wrong, e.g.
+``run.yaml: field 'grpo.num_generations': Input should be greater than or equal to 2``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from salmon.cli import CLIError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def format_validation_error(err: ValidationError, where: str) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "missing":
+            msg = "is required"
+        elif e["type"] == "extra_forbidden":
+            msg = "is not a known field (check the spelling; see the config's documentation)"
+        parts.append(f"field '{loc}': {msg}")
+    return f"{where}: " + "; ".join(parts)
+
+
+def load_yaml(path: str | Path) -> Any:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CLIError(f"{p}: file not found") from None
+    except UnicodeDecodeError:
+        raise CLIError(f"{p}: not UTF-8 text") from None
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise CLIError(f"{p}: invalid YAML{at}: {getattr(e, 'problem', e)}") from None
+
+
+def validate_config(model: type[M], data: Any, where: str) -> M:
+    if not isinstance(data, dict):
+        raise CLIError(f"{where}: expected a mapping of fields at the top level, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise CLIError(format_validation_error(e, where)) from None
+
+
+def load_config(model: type[M], path: str | Path | None, overrides: dict[str, Any] | None = None) -> M:
+    """``model`` from YAML at ``path`` (or defaults when None), with top-level ``overrides`` applied."""
+    data = load_yaml(path) if path else {}
+    if overrides:
+        data = {**data, **{k: v for k, v in overrides.items() if v is not None}}
+    return validate_config(model, data, str(path) if path else "config")

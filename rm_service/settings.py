@@ -1,0 +1,79 @@
+"""Service settings: defaults that run on a laptop CPU; every knob a GPU machine needs is a field.
+
+Sources, later wins: defaults < YAML file (``salmon serve --config``) < ``SALMON_*`` env vars <
+CLI flags. Secrets (``SALMON_API_KEY``, ``SALMON_ADMIN_KEY``) come from the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ScorerKind = Literal["auto", "contrastive", "probe", "trained", "rule"]
+
+
+class ServiceSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SALMON_", extra="forbid")
+
+    # -- what scores ---------------------------------------------------------------------------
+    scorer: ScorerKind = Field(
+        default="auto",
+        description="auto: the registry's CURRENT version if a registry is given and has one, else "
+        "contrastive. contrastive: zero-shot log p(y|x,P) - log p(y|x,P with each principle negated). "
+        "probe: zero-shot yes/no log-odds. trained: a registry version (needs registry). "
+        "rule: regex count minus length penalty, no model (smoke runs and rule-based rewards).",
+    )
+    model: str = Field(default="embedded", description="Causal LM for zero-shot scorers: 'embedded', a .gguf, or a local HF dir.")
+    registry: Path | None = Field(default=None, description="Reward-model registry directory (CURRENT + versions).")
+    watch_registry: bool = Field(default=True, description="Reload when the registry's CURRENT changes.")
+    watch_interval_s: float = Field(default=2.0, gt=0)
+    default_principle_set: str = Field(default="hhh", description="Set used when a request names none: shipped name or YAML path.")
+    principle_sets_dir: Path | None = Field(default=None, description="Extra YAML sets to register at start.")
+    contrast: Literal["per_principle", "whole_set"] = Field(
+        default="per_principle",
+        description="contrastive scorer: negate each principle on its own (k+1 passes, more accurate) or the whole set at once (2 passes).",
+    )
+    rule_pattern: str = Field(default=r"\bplease\b", description="rule scorer: regex whose matches count +1 each.")
+    rule_length_penalty: float = Field(default=0.0, ge=0, description="rule scorer: subtracted per response character.")
+
+    # -- where it runs -------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    device: str = "auto"
+    num_threads: int | None = Field(default=None, description="torch intra-op threads on CPU (None: torch default).")
+
+    # -- batching and limits -------------------------------------------------------------------
+    max_batch_tokens: int = Field(default=4096, ge=64, description="Padded tokens per forward pass.")
+    max_queue_items: int = Field(default=1024, ge=1, description="Items waiting to be scored; beyond → 429.")
+    batch_wait_ms: float = Field(default=2.0, ge=0, description="How long the worker waits to fill a batch.")
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    max_items: int = Field(default=256, ge=1, description="Items per /v1/score request.")
+    max_prompt_tokens: int = Field(default=1024, ge=8)
+    max_response_tokens: int = Field(default=1024, ge=8)
+    max_messages: int = Field(default=64, ge=1, description="Chat messages per prompt.")
+    max_principles: int = Field(default=32, ge=1, description="Inline principles per request.")
+    request_timeout_s: float = Field(default=120.0, gt=0, description="A request waiting longer gets 503.")
+
+    # -- prefix cache ----------------------------------------------------------------------------
+    prefix_cache: bool = Field(default=True, description="Reuse key/value caches of shared prefixes.")
+    prefix_cache_bytes: int = Field(default=512 * 1024 * 1024, ge=0)
+
+    # -- security ------------------------------------------------------------------------------
+    api_key: SecretStr | None = Field(default=None, description="Bearer key for everything but health (SALMON_API_KEY).")
+    admin_key: SecretStr | None = Field(default=None, description="Bearer key for set writes and reload (SALMON_ADMIN_KEY).")
+    insecure: bool = Field(default=False, description="Allow a non-loopback bind without an API key.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServiceSettings:
+        if self.scorer == "trained" and self.registry is None:
+            raise ValueError("scorer 'trained' needs 'registry' (a registry directory)")
+        return self
+
+    @property
+    def is_loopback(self) -> bool:
+        return self.host in {"127.0.0.1", "localhost", "::1"} or self.host.startswith("127.")

@@ -138,7 +138,8 @@ def _format_errors(err: ValidationError, where: str) -> str:
         if e["type"] == "missing":
             msg = "is required"
         elif e["type"] == "extra_forbidden":
-            msg = "is not a known field (allowed: name, definition, negative_definition, weight, tags)"
+            model = Principle if e["loc"][:1] == ("principles",) and len(e["loc"]) > 2 else PrincipleSet
+            msg = f"is not a known field (allowed: {', '.join(model.model_fields)})"
         parts.append(f"{where}: field '{loc}' {msg}")
     return "; ".join(parts)
 

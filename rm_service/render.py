@@ -168,6 +168,59 @@ class Renderer:
             full = self._template(full_msgs)
         return s, p[len(s):], full[len(p):]
 
+    # -- parsing chat-templated text (OpenRLHF's /get_reward sends full strings) ---------------
+    def _markers(self) -> tuple[str, str]:
+        """(assistant opener, turn closer) of this template, found by rendering sentinels."""
+        u, a = "\x00U\x00", "\x00A\x00"
+        bare = self._template([{"role": "user", "content": u}])
+        gen = self._template([{"role": "user", "content": u}], add_generation_prompt=True)[len(bare):]
+        closed = self._template([{"role": "user", "content": u}, {"role": "assistant", "content": a}])
+        return gen, closed[closed.index(a) + len(a):]
+
+    def parse_conversation(self, text: str) -> tuple[list[Message], str]:
+        """Split a chat-templated prompt+response string into (prompt messages, response).
+
+        Turns are recognised by the template's own role openers (``<opener-of-role>content<closer>``),
+        so this works for ChatML- and Llama-3-style templates. Raises RenderError when the text does
+        not follow this model's template.
+        """
+        gen, close = self._markers()
+        if "assistant" not in gen or not close.strip():
+            raise RenderError("this model's chat template cannot be parsed; send 'prompts' with each query")
+        openers = {role: gen.replace("assistant", role) for role in ROLES}
+        cut = text.rfind(gen)
+        if cut < 0:
+            raise RenderError(
+                f"query has no assistant turn ({gen.strip()!r}); send the chat-templated prompt + response")
+        head, response = text[:cut], text[cut + len(gen):]
+        if response.endswith(close):
+            response = response[: -len(close)]
+        elif response.endswith(close.rstrip()):
+            response = response[: -len(close.rstrip())]
+        msgs: list[Message] = []
+        pos = 0
+        bos = self.tokenizer.bos_token or ""
+        while pos < len(head):
+            if head[pos:].strip() == "" or (bos and head[pos:] == bos):
+                break
+            for role, opener in openers.items():
+                o = opener.lstrip() if pos == 0 and not head.startswith(opener) else opener
+                if head.startswith(o, pos):
+                    end = head.find(close, pos + len(o))
+                    if end < 0:
+                        raise RenderError(f"query: a {role} turn is not closed with {close.strip()!r}")
+                    msgs.append({"role": role, "content": head[pos + len(o):end]})
+                    pos = end + len(close)
+                    break
+            else:
+                if bos and head.startswith(bos, pos):
+                    pos += len(bos)
+                    continue
+                raise RenderError("query does not follow this model's chat template; send 'prompts' too")
+        if not msgs:
+            raise RenderError("query has no prompt turns before the assistant turn")
+        return msgs, response
+
     # -- tokens -------------------------------------------------------------------------------
     def _encode(self, text: str) -> tuple[int, ...]:
         return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -1,0 +1,120 @@
+"""`salmon serve`, `salmon score`, `salmon check`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from salmon.cli import CLIError
+from salmon.config import format_validation_error, load_yaml
+
+
+def _settings_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML file of service settings (see rm_service/settings.py)")
+    p.add_argument("--scorer", choices=["auto", "contrastive", "probe", "trained", "rule"])
+    p.add_argument("--model", help="causal LM for zero-shot scorers: 'embedded', a .gguf, or a local HF dir")
+    p.add_argument("--registry", help="reward-model registry directory")
+    p.add_argument("--principle-set", dest="default_principle_set", help="default principle set (name or YAML)")
+    p.add_argument("--contrast", choices=["per_principle", "whole_set"])
+    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false", default=None)
+    p.add_argument("--max-batch-tokens", type=int)
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device")
+
+
+def build_settings(args: argparse.Namespace, **extra):
+    from rm_service.settings import ServiceSettings
+
+    data = load_yaml(args.config) if getattr(args, "config", None) else {}
+    keys = ["scorer", "model", "registry", "default_principle_set", "contrast", "prefix_cache",
+            "max_batch_tokens", "dtype", "device", "host", "port", "insecure"]
+    for k in keys:
+        v = getattr(args, k, None)
+        if v is not None:
+            data[k] = v
+    data.update({k: v for k, v in extra.items() if v is not None})
+    try:
+        return ServiceSettings(**data)
+    except ValidationError as e:
+        raise CLIError(format_validation_error(e, args.config or "settings")) from None
+
+
+def serve(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="salmon serve", description="Run the reward-model service.")
+    _settings_args(p)
+    p.add_argument("--host", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 8000)")
+    p.add_argument("--insecure", action="store_true", default=None,
+                   help="allow a non-loopback bind without SALMON_API_KEY")
+    p.add_argument("--log-level", default="info")
+    args = p.parse_args(argv)
+    st = build_settings(args)
+    if not st.is_loopback and st.api_key is None and not st.insecure:
+        raise CLIError(f"refusing to bind {st.host} without an API key: set SALMON_API_KEY (and SALMON_ADMIN_KEY), "
+                       "or pass --insecure if the network is trusted")
+    import uvicorn
+
+    from rm_service.app import create_app
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(st), host=st.host, port=st.port, log_level=args.log_level, timeout_graceful_shutdown=10)
+    return 0
+
+
+def score(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="salmon score", description="Score prompt/response pairs offline (no server).")
+    _settings_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--response", action="append", required=True, help="repeat for several responses")
+    p.add_argument("--principle", action="append", help="inline principle definition (repeatable)")
+    args = p.parse_args(argv)
+    st = build_settings(args)
+    from principles.schema import Principle
+    from rm_service.serving import ModelManager, PrincipleSetStore
+    from rm_service.metrics import Metrics
+
+    if args.principle:
+        principles = [Principle(name=f"p{i + 1}", definition=d) for i, d in enumerate(args.principle)]
+    else:
+        principles = list(PrincipleSetStore(st.default_principle_set).resolve(None).principles)
+    mm = ModelManager(st, Metrics())
+    scorer = mm.build()
+    scores = scorer.score_items(principles, [(args.prompt, r) for r in args.response])
+    json.dump({"scores": scores, "model_version": scorer.version, "scorer": scorer.kind}, sys.stdout)
+    print()
+    return 0
+
+
+def check(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="salmon check",
+                                description="Principle-flip rate of each scorer on the labelled check set.")
+    p.add_argument("--model", default="embedded")
+    p.add_argument("--check-set", help="JSONL of flip pairs (default: principles/checks/flip_pairs.jsonl)")
+    p.add_argument("--scorers", default="contrastive,contrastive-normalized,contrastive-neutral,probe",
+                   help="comma list of scorer variants")
+    p.add_argument("--registry", help="also evaluate the CURRENT trained version of this registry")
+    p.add_argument("--out", help="write the report JSON here")
+    p.add_argument("--limit", type=int, help="only the first N pairs")
+    args = p.parse_args(argv)
+    from rm_service.checkset import DEFAULT_CHECK_SET, run_check
+
+    report = run_check(args.model, Path(args.check_set) if args.check_set else DEFAULT_CHECK_SET,
+                       [s.strip() for s in args.scorers.split(",") if s.strip()], registry=args.registry,
+                       limit=args.limit)
+    text = json.dumps(report, indent=2)
+    if args.out:
+        from salmon.atomic import atomic_write_text
+
+        atomic_write_text(args.out, text + "\n")
+    print(text)
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    cmd, rest = argv[0], argv[1:]
+    return {"serve": serve, "score": score, "check": check}[cmd](rest)

@@ -1,0 +1,61 @@
+"""Typed service errors and the ONE table that maps them to HTTP status codes."""
+
+from __future__ import annotations
+
+
+class SalmonError(Exception):
+    status = 500
+    type = "internal_error"
+
+    def __init__(self, message: str, param: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.headers = headers or {}
+
+
+class InvalidRequest(SalmonError):
+    status, type = 422, "invalid_request"
+
+
+class Unauthorized(SalmonError):
+    status, type = 401, "unauthorized"
+
+    def __init__(self, message: str):
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
+
+class Forbidden(SalmonError):
+    status, type = 403, "forbidden"
+
+
+class NotFound(SalmonError):
+    status, type = 404, "not_found"
+
+
+class Conflict(SalmonError):
+    status, type = 409, "conflict"
+
+
+class PayloadTooLarge(SalmonError):
+    status, type = 413, "payload_too_large"
+
+
+class Overloaded(SalmonError):
+    status, type = 429, "overloaded"
+
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        super().__init__(message, headers={"Retry-After": str(max(1, round(retry_after_s)))})
+
+
+class NotReady(SalmonError):
+    status, type = 503, "not_ready"
+
+    def __init__(self, message: str, retry_after_s: float = 2.0):
+        super().__init__(message, headers={"Retry-After": str(max(1, round(retry_after_s)))})
+
+
+class ScoringFailed(SalmonError):
+    """The model failed on valid input (e.g. out of memory): a server-side fault, not the client's."""
+
+    status, type = 500, "scoring_failed"

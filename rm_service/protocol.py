@@ -1,0 +1,139 @@
+"""Request and response types of the HTTP contract (ARCHITECTURE.md). No torch, no serving logic.
+
+Fields may be added, never renamed: trainers and OpenRLHF-style clients depend on these shapes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from principles.schema import Principle
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ScoreItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | list[ChatMessage] = Field(description="The instruction: a string or chat messages ending with a user turn.")
+    response: str = Field(description="The response to score.")
+
+
+class InlinePrinciple(BaseModel):
+    """A principle sent with the request: a bare string is its definition."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    definition: str
+    negative_definition: str | None = None
+
+    def to_principle(self) -> Principle:
+        return Principle(name=self.name, definition=self.definition, negative_definition=self.negative_definition)
+
+
+class ScoreRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[ScoreItem] = Field(min_length=1, description="One score comes back per item, in order.")
+    principle_set: str | None = Field(
+        default=None, description="A registered set: 'name' (its current content) or 'name@hash' (exact content).")
+    principles: list[str | InlinePrinciple] | None = Field(
+        default=None, description="Inline principles; win over principle_set. A string is a definition.")
+    negate: list[str] = Field(default_factory=list, description="Names of principles to negate (negative definitions).")
+    truncate: bool = Field(default=True, description="Truncate over-long prompts from the start; false → 422.")
+
+    @field_validator("principles")
+    @classmethod
+    def _nonempty(cls, v):
+        if v is not None and not v:
+            raise ValueError("give at least one principle, or leave 'principles' out to use a set")
+        return v
+
+
+class Usage(BaseModel):
+    tokens: int = Field(description="Tokens the model processed for this request, cached ones included.")
+    cached_tokens: int = Field(default=0, description="Of those, tokens served from the prefix cache.")
+
+
+class ScoreResponse(BaseModel):
+    scores: list[float]
+    model_version: str = Field(description="The scorer version that produced these scores.")
+    scorer: str
+    principle_set_hash: str
+    principle_set: str | None = Field(default=None, description="name@hash of the set used (inline: 'inline@hash').")
+    truncated: list[int] = Field(default_factory=list, description="Indices of items whose prompt was truncated.")
+    usage: Usage
+
+
+class RewardRequest(BaseModel):
+    """OpenRLHF's remote reward-model protocol."""
+
+    model_config = ConfigDict(extra="allow")
+
+    query: list[str] = Field(min_length=1, description="Full chat-templated prompt+response texts.")
+    prompts: list[str] | None = Field(default=None, description="The prompt part of each query, if known.")
+    labels: list[Any] | None = None
+
+
+class RewardResponse(BaseModel):
+    rewards: list[float]
+    scores: list[float]
+    extra_logs: dict[str, Any] = Field(default_factory=dict)
+
+
+class PrincipleSetInfo(BaseModel):
+    name: str
+    hash: str
+    ref: str
+    description: str = ""
+    num_principles: int
+    is_default: bool = False
+
+
+class PrincipleSetList(BaseModel):
+    principle_sets: list[PrincipleSetInfo]
+    default: str
+
+
+class ReloadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: str | None = Field(default=None, description="Registry version to serve; default: CURRENT.")
+
+
+class ReloadResponse(BaseModel):
+    reloaded: bool
+    model_version: str
+    previous_version: str
+    message: str
+
+
+class ModelInfo(BaseModel):
+    scorer: str
+    model_version: str
+    base_model: str
+    registry: str | None
+    prompt_format_version: str
+    default_principle_set: str
+    limits: dict[str, int]
+    prefix_cache: dict[str, Any]
+    last_reload_error: str | None = None
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail

@@ -1,0 +1,39 @@
+"""RL on TRL (GRPO, RLOO) with rewards from the principle-following reward service over HTTP.
+
+Public API (imported lazily, so `salmon train --help` does not load torch)::
+
+    from policy_trainer import RunConfig, load_run_config, run_training
+    result = run_training(load_run_config("run.yaml"))   # -> RunResult
+    result.summary["reward_wait_share"], result.report_png, result.rollouts_dir
+
+``run_training`` raises ``salmon.cli.CLIError`` for bad input and ``TrainingAborted`` (with
+``.checkpoint``) when the reward service stays unreachable past the retry budget.
+
+Parts, reusable by other algorithms (PPO): config, rm_client (the one HTTP client),
+principles_select (RL-time selection + set timeline), shaping, rewards (TRL reward callables),
+rollouts (shards for on-policy RM retraining), report; grpo/rloo hold only the TRL wiring.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_EXPORTS = {
+    "RunConfig": "policy_trainer.config",
+    "load_run_config": "policy_trainer.config",
+    "run_training": "policy_trainer.train",
+    "RunResult": "policy_trainer.train",
+    "TrainingAborted": "policy_trainer.train",
+    "RewardClient": "policy_trainer.rm_client",
+    "RewardServiceError": "policy_trainer.rm_client",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'policy_trainer' has no attribute {name!r}")

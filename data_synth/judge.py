@@ -23,7 +23,6 @@ a pair's score under a principle is ``s(a) - s(b)`` with
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import time
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from transformers import DynamicCache
 
 from principles.schema import Principle, PrincipleSet, load_principle_set
 from salmon.cli import CLIError
@@ -150,7 +150,7 @@ class LocalABJudge(_ABJudge):
         out: list[float] = []
         if self.prefix_reuse:
             res = self.model(input_ids=torch.tensor([prefix], device=dev), use_cache=True)
-            cache = res.past_key_values
+            prefix_kv = [(layer.keys, layer.values) for layer in res.past_key_values.layers]
             self._count(1, len(prefix))
         for i in range(0, len(suffixes), self.batch_size):
             chunk = suffixes[i:i + self.batch_size]
@@ -159,8 +159,10 @@ class LocalABJudge(_ABJudge):
                 # Each row attends to the whole shared prefix, then to its own suffix; right padding keeps
                 # the suffix positions at len(prefix) + t for every row, as in the unshared forward.
                 full_mask = torch.cat([torch.ones((len(chunk), len(prefix)), dtype=torch.long), mask], dim=1)
-                c = copy.deepcopy(cache)
-                c.batch_repeat_interleave(len(chunk))
+                n = len(chunk)
+                # expand() makes batch-n views of the prefix keys/values without copying them.
+                c = DynamicCache(ddp_cache_data=[(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1))
+                                                 for k, v in prefix_kv], config=self.model.config)
                 logits = self.model(input_ids=ids.to(dev), attention_mask=full_mask.to(dev),
                                     past_key_values=c, use_cache=True).logits
                 self._count(len(chunk), int(lengths.sum()))
@@ -247,27 +249,33 @@ class ContrastiveSource:
 
     source = "contrastive"
 
-    def __init__(self, model, tokenizer, name: str = "local"):
-        from rm_service.scorers import ContrastiveScorer  # the one implementation (rm_service owns it)
+    def __init__(self, model, tokenizer, name: str = "local", cache_bytes: int = 256 * 1024 * 1024):
+        # The one implementation lives in rm_service; its prefix cache shares the principle block and
+        # the prompt between the two responses of a pair (and the negated variants).
+        from rm_service.prefix_cache import PrefixCache
+        from rm_service.scorers import ContrastiveScorer
 
-        self.scorer = ContrastiveScorer(model, tokenizer)
+        self.scorer = ContrastiveScorer(model, tokenizer, version=f"judge-contrastive:{name}", base_model=name,
+                                        prefix_cache=PrefixCache(max_bytes=cache_bytes))
         self.name = name
         self.stats = {"score_calls": 0, "items": 0}
 
+    def _pair_scores(self, prompt: Any, a: str, b: str, principles: Sequence[Principle],
+                     negate: bool = False) -> list[float]:
+        prepared = [self.scorer.prepare([p], prompt, y, negate=[p.name] if negate else ())
+                    for p in principles for y in (a, b)]
+        vals = self.scorer.score_prepared(prepared)  # one batched compute for the whole pair
+        self.stats["score_calls"] += 1
+        self.stats["items"] += len(prepared)
+        return [vals[2 * i] - vals[2 * i + 1] for i in range(len(principles))]
+
     def judge_pair(self, prompt: Any, a: str, b: str, principles: Sequence[Principle]
                    ) -> list[tuple[float, float]]:
-        out = []
-        for p in principles:
-            sa, sb = self.scorer.score_items([p], [(prompt, a), (prompt, b)])
-            self.stats["score_calls"] += 1
-            self.stats["items"] += 2
-            d = float(sa) - float(sb)
-            out.append((d, d))  # pointwise: order cannot matter, both "orders" are the same number
-        return out
+        # Pointwise: order cannot matter, so both "orders" carry the same number.
+        return [(d, d) for d in self._pair_scores(prompt, a, b, principles)]
 
     def negated_pair(self, prompt: Any, a: str, b: str, p: Principle) -> float:
-        sa, sb = self.scorer.score_items([p], [(prompt, a), (prompt, b)], negate=[p.name])
-        return float(sa) - float(sb)
+        return self._pair_scores(prompt, a, b, [p], negate=True)[0]
 
 
 # -- construction ------------------------------------------------------------------------------

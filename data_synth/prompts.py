@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Sequence
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +35,11 @@ DEFAULT_TYPES: dict[str, str] = {
 
 
 def shipped_prompts() -> Path:
-    return Path(str(resources.files("data_synth"))) / "data" / "prompts.jsonl"
+    return Path(__file__).resolve().parent / "data" / "prompts.jsonl"
 
 
 def shipped_seeds() -> Path:
-    return Path(str(resources.files("data_synth"))) / "data" / "seed_prompts.jsonl"
+    return Path(__file__).resolve().parent / "data" / "seed_prompts.jsonl"
 
 
 def prompt_id(prompt: Any) -> str:

@@ -1,0 +1,229 @@
+"""Stage 5: train a principle-following reward model and publish it as a registry version.
+
+TRL's RewardTrainer (Bradley-Terry loss) over LoRA on the backbone plus the scalar ``score`` head
+(PEFT task SEQ_CLS saves the head through ``modules_to_save``). Inputs are rendered by the service's
+renderer and handed to TRL pre-tokenized (``chosen_ids``/``rejected_ids``), so the model is trained on
+exactly the token ids the service will score; ``max_length`` drops over-long pairs rather than letting
+anything truncate them differently from serving.
+
+After training: held-out accuracy; the principle-flip rate (on held-out pairs, how often the model's
+preference reverses when the dominant principle is negated: a reward model that reads its principles
+should reverse); reward mean/std over the training inputs (the service normalises with them). Then
+``adapter/`` is saved and published with a manifest saying which data, which base and which parent.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from principles.schema import Principle
+from salmon.atomic import JsonlError, read_jsonl
+from salmon.cli import CLIError
+
+from .config import TrainConfig
+from .shards import file_sha256, stable_hash
+
+log = logging.getLogger(__name__)
+
+REQUIRED = ("prompt", "chosen", "rejected", "principles", "negated")
+
+
+def load_rm_rows(path: str | Path) -> list[dict]:
+    """Rows of an aggregate output file; errors name the file and line."""
+    path = Path(path)
+    try:
+        rows = read_jsonl(path)
+    except JsonlError as e:
+        raise CLIError(str(e)) from None
+    for n, r in enumerate(rows, 1):
+        missing = [k for k in REQUIRED if not isinstance(r, dict) or k not in r]
+        if missing:
+            raise CLIError(f"{path}: record {n}: missing field(s) {', '.join(missing)} "
+                           "(expected an aggregate output row)")
+    return rows
+
+
+def row_principles(row: dict) -> list[Principle]:
+    return [Principle.model_validate(p) for p in row["principles"]]
+
+
+def render_row(renderer, row: dict, response: str, negated: Sequence[str] | None = None) -> list[int]:
+    negated = row["negated"] if negated is None else negated
+    return renderer.render_principles(row_principles(row), row["prompt"], response, negated=negated).input_ids
+
+
+def toggled(negated: Sequence[str], name: str) -> list[str]:
+    return [n for n in negated if n != name] if name in negated else [*negated, name]
+
+
+def render_dataset(renderer, rows: Sequence[dict], max_length: int) -> tuple[list[dict], int]:
+    """``chosen_ids``/``rejected_ids`` per row (the serving renderer's ids); drops over-long pairs."""
+    out, dropped = [], 0
+    for r in rows:
+        c, j = render_row(renderer, r, r["chosen"]), render_row(renderer, r, r["rejected"])
+        if len(c) > max_length or len(j) > max_length:
+            dropped += 1
+            continue
+        out.append({"chosen_ids": c, "rejected_ids": j})
+    return out, dropped
+
+
+@torch.no_grad()
+def rewards(model, seqs: Sequence[Sequence[int]], pad_id: int, batch_size: int = 16) -> list[float]:
+    """Raw head outputs at the last token, right-padded batches (as the service computes them)."""
+    model.eval()
+    dev = next(model.parameters()).device
+    out: list[float] = [0.0] * len(seqs)
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))  # similar lengths share a batch
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        width = max(len(seqs[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, i in enumerate(idx):
+            ids[j, :len(seqs[i])] = torch.tensor(list(seqs[i]))
+            mask[j, :len(seqs[i])] = 1
+        vals = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits[:, 0].float().tolist()
+        for j, i in enumerate(idx):
+            out[i] = vals[j]
+    return out
+
+
+def _negatable_dominant(row: dict) -> bool:
+    dom = row.get("dominant")
+    return bool(dom) and any(p["name"] == dom and p.get("negative_definition") for p in row["principles"])
+
+
+def evaluate(model, renderer, rows: Sequence[dict], pad_id: int, batch_size: int) -> dict[str, Any]:
+    """Held-out accuracy and principle-flip rate (negating the dominant principle should reverse it)."""
+    if not rows:
+        return {"eval_pairs": 0, "accuracy": None, "flip_rate": None}
+    flip_idx = [i for i, r in enumerate(rows) if _negatable_dominant(r)]
+    seqs = []
+    for r in rows:
+        seqs += [render_row(renderer, r, r["chosen"]), render_row(renderer, r, r["rejected"])]
+    for i in flip_idx:
+        r = rows[i]
+        neg = toggled(r["negated"], r["dominant"])
+        seqs += [render_row(renderer, r, r["chosen"], neg), render_row(renderer, r, r["rejected"], neg)]
+    vals = rewards(model, seqs, pad_id, batch_size)
+    n = len(rows)
+    margins = [vals[2 * i] - vals[2 * i + 1] for i in range(n)]
+    flipped = [vals[2 * n + 2 * k] - vals[2 * n + 2 * k + 1] for k in range(len(flip_idx))]
+    flips = sum((margins[i] > 0) != (m > 0) for i, m in zip(flip_idx, flipped, strict=True))
+    return {"eval_pairs": n, "accuracy": sum(m > 0 for m in margins) / n, "mean_margin": sum(margins) / n,
+            "flip_pairs": len(flip_idx), "flip_rate": flips / len(flip_idx) if flip_idx else None}
+
+
+@dataclass
+class TrainResult:
+    version: str | None
+    manifest: dict[str, Any]
+    metrics: dict[str, Any]
+    build_dir: Path | None = None
+    train_dataset: Any = field(default=None, repr=False)  # what TRL trained on (for the render test)
+
+
+def train_reward_model(train_path: str | Path, eval_path: str | Path | None, cfg: TrainConfig,
+                       extra_manifest: dict[str, Any] | None = None, keep_build: Path | None = None
+                       ) -> TrainResult:
+    """Train on ``train_path`` rows, evaluate on ``eval_path``, publish to ``cfg.registry``."""
+    from datasets import Dataset
+    from peft import LoraConfig, PeftModel, TaskType
+    from transformers.utils import logging as hf_logging
+    from trl import RewardConfig, RewardTrainer
+
+    from rm_service.registry import Registry
+    from rm_service.render import PROMPT_FORMAT_VERSION, Renderer
+    from salmon.modeling import ModelOptions, load_sequence_classifier, load_tokenizer, pick_device
+
+    t0 = time.monotonic()
+    train_rows = load_rm_rows(train_path)
+    eval_rows = load_rm_rows(eval_path) if eval_path and Path(eval_path).is_file() else []
+    if not train_rows:
+        raise CLIError(f"{train_path}: no training pairs")
+    tok = load_tokenizer(cfg.base_model)
+    renderer = Renderer(tok)
+    rendered, too_long = render_dataset(renderer, train_rows, cfg.max_length)
+    if not rendered:
+        raise CLIError(f"{train_path}: every pair renders longer than max_length={cfg.max_length}")
+    registry = Registry(cfg.registry)
+    parent = registry.current()
+
+    torch.manual_seed(cfg.seed)  # the fresh score head is random: seed before building it
+    model = load_sequence_classifier(cfg.base_model, ModelOptions(dtype=cfg.dtype, device=cfg.device))
+    peft_config = None
+    if cfg.init_from == "parent" and parent:
+        pm = registry.manifest(parent)
+        if pm.base_model != cfg.base_model:
+            raise CLIError(f"init_from parent: CURRENT {parent} was trained on {pm.base_model!r}, not {cfg.base_model!r}")
+        model = PeftModel.from_pretrained(model, registry.path(parent) / (pm.adapter or "adapter"), is_trainable=True)
+    else:
+        peft_config = LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                 lora_dropout=cfg.lora_dropout, target_modules=list(cfg.target_modules))
+
+    work = Path(tempfile.mkdtemp(prefix="salmon-rm-train-"))
+    try:
+        on_cpu = pick_device(cfg.device).type == "cpu"
+        args = RewardConfig(
+            output_dir=str(work / "trainer"), num_train_epochs=cfg.epochs,
+            per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+            learning_rate=cfg.learning_rate, lr_scheduler_type="linear", warmup_steps=0,
+            logging_steps=max(1, len(rendered) // (cfg.batch_size * 5)), save_strategy="no",
+            report_to="none", seed=cfg.seed, data_seed=cfg.seed, use_cpu=on_cpu,
+            max_length=None,  # already filtered above with the same limit: nothing is truncated
+            dataloader_num_workers=0, disable_tqdm=False,
+        )
+        train_ds = Dataset.from_list(rendered)
+        hf_logging.set_verbosity_error()
+        trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tok,
+                                peft_config=peft_config)
+        t_train = time.monotonic()
+        train_out = trainer.train()
+        train_s = time.monotonic() - t_train
+        model = trainer.model
+        pad_id = tok.pad_token_id
+
+        metrics = evaluate(model, renderer, eval_rows, pad_id, cfg.eval_batch_size)
+        # Reward scale over the training inputs (a bounded sample keeps this cheap on big sets).
+        sample = rendered[:256]
+        vals = rewards(model, [s for r in sample for s in (r["chosen_ids"], r["rejected_ids"])], pad_id,
+                       cfg.eval_batch_size)
+        reward_mean = float(torch.tensor(vals).mean())
+        reward_std = float(torch.tensor(vals).std()) if len(vals) > 1 else 1.0
+        train_acc = sum(vals[2 * i] > vals[2 * i + 1] for i in range(len(sample))) / len(sample)
+        metrics.update({"train_pairs": len(rendered), "dropped_too_long": too_long,
+                        "train_accuracy": train_acc, "train_loss": float(train_out.training_loss),
+                        "train_time_s": round(train_s, 1)})
+
+        build = keep_build or work / "build"
+        build.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(build / "adapter", safe_serialization=True)
+        data_files = [train_path] + ([eval_path] if eval_rows else [])
+        manifest = {
+            "base_model": cfg.base_model, "adapter": "adapter",
+            "reward_mean": reward_mean, "reward_std": reward_std if reward_std > 1e-8 else 1.0,
+            "prompt_format_version": PROMPT_FORMAT_VERSION,
+            "data_hash": stable_hash([file_sha256(Path(f)) for f in data_files]),
+            "parent_version": parent,
+            "init_from": cfg.init_from if (cfg.init_from == "base" or parent) else "base",
+            "eval_metrics": metrics,
+            "training_data": [str(Path(f).resolve()) for f in data_files],
+            "train_config": cfg.model_dump(mode="json"),
+            "principle_set": sorted({r.get("principle_set", "") for r in train_rows} - {""}),
+            **(extra_manifest or {}),
+        }
+        version = registry.publish(build, manifest) if cfg.publish else None
+        metrics["total_time_s"] = round(time.monotonic() - t0, 1)
+        return TrainResult(version, manifest, metrics, build if keep_build else None, trainer.train_dataset)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -75,8 +75,8 @@ def score(argv: list[str]) -> int:
     args = p.parse_args(argv)
     st = build_settings(args)
     from principles.schema import Principle
-    from rm_service.serving import ModelManager, PrincipleSetStore
     from rm_service.metrics import Metrics
+    from rm_service.serving import ModelManager, PrincipleSetStore
 
     if args.principle:
         principles = [Principle(name=f"p{i + 1}", definition=d) for i, d in enumerate(args.principle)]

@@ -127,6 +127,7 @@ class PrefixCache:
         self.put(v, system + prompt, entry)
         return entry, cached
 
+    @torch.inference_mode()
     def response_logprobs(self, scorer: CausalLMScorer, seqs: list[RenderedInput]) -> tuple[list[float], list[int]]:
         """Σ log p(response | prefix) per sequence, via shared prefixes."""
         from transformers import DynamicCache

@@ -217,9 +217,23 @@ class Renderer:
                     pos += len(bos)
                     continue
                 raise RenderError("query does not follow this model's chat template; send 'prompts' too")
+        if msgs and msgs[0]["role"] == "system" and msgs[0]["content"] == self._default_system():
+            msgs.pop(0)  # the template's own default system turn, not the client's content
         if not msgs:
             raise RenderError("query has no prompt turns before the assistant turn")
         return msgs, response
+
+    def _default_system(self) -> str | None:
+        """The system text a template inserts when a conversation has none (SmolLM's does)."""
+        u = "\x00U\x00"
+        text = self._template([{"role": "user", "content": u}])
+        gen, close = self._markers()
+        opener = gen.replace("assistant", "system")
+        start = text.find(opener)
+        if start < 0 or start > text.find(u):
+            return None
+        end = text.find(close, start)
+        return text[start + len(opener):end] if end > 0 else None
 
     # -- tokens -------------------------------------------------------------------------------
     def _encode(self, text: str) -> tuple[int, ...]:

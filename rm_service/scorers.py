@@ -32,7 +32,14 @@ import torch
 
 from principles.schema import Principle
 from rm_service.prefix_cache import PrefixCache
-from rm_service.render import PROMPT_FORMAT_VERSION, Prompt, RenderedInput, Renderer, RenderError, principle_block
+from rm_service.render import (
+    PROMPT_FORMAT_VERSION,
+    Prompt,
+    RenderedInput,
+    Renderer,
+    RenderError,
+    principle_block,
+)
 from salmon.modeling import ModelOptions, load_causal_lm, load_sequence_classifier, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -207,6 +214,7 @@ class ContrastiveScorer(CausalLMScorer):
                 return self.prefix_cache.response_logprobs(self, seqs)
             return self.full_response_logprobs(seqs), [0] * len(seqs)
 
+    @torch.inference_mode()
     def full_response_logprobs(self, seqs: list[RenderedInput]) -> list[float]:
         """The no-cache path: every sequence in full, right-padded, batched by token budget."""
         lengths = [len(s) for s in seqs]

@@ -345,8 +345,10 @@ def load_check_set(path: Path, limit: int | None = None) -> list[dict]:
 def evaluate_source(judge: PairJudge, checks: Sequence[dict]) -> dict[str, Any]:
     """Accuracy on labelled flip pairs: a better under the principle, b better under its negation."""
     pos_ok = neg_ok = agree = both = 0
+    from tqdm.auto import tqdm
+
     t0 = time.monotonic()
-    for c in checks:
+    for c in tqdm(checks, desc=f"check set ({judge.source})", unit="pair", dynamic_ncols=True):
         p: Principle = c["principle"]
         (s_ab, s_ba), = judge.judge_pair(c["prompt"], c["a"], c["b"], [p])
         s_pos = (s_ab + s_ba) / 2

@@ -95,9 +95,6 @@ class Scorer(ABC):
         prepared = [self.prepare(principles, p, r, negate, truncate) for p, r in items]
         return self.score_prepared(prepared)
 
-    def close(self) -> None:
-        """Release the model (called when a reload retires this version)."""
-
 
 class RuleScorer(Scorer):
     kind = "rule"
@@ -154,11 +151,6 @@ class LMScorer(Scorer):
             ids[j, :len(r)] = torch.tensor(r, dtype=torch.long)
             mask[j, :len(r)] = 1
         return ids.to(self.device), mask.to(self.device)
-
-    def close(self) -> None:
-        if self.prefix_cache is not None:
-            self.prefix_cache.invalidate(self.version)
-        self.model = None
 
 
 class CausalLMScorer(LMScorer):

@@ -117,7 +117,7 @@ def fake_service():
     svc.stop()
 
 
-def tiny_run_config(tmp_path: Path, model_dir: Path, url: str, **sections: dict) -> dict:
+def tiny_run_config(tmp_path: Path, model_dir: Path, url: str, **sections: Any) -> dict:
     """A run config (dict) that trains the tiny model in about a second per step."""
     prompts = tmp_path / "prompts.jsonl"
     if not prompts.exists():
@@ -137,5 +137,5 @@ def tiny_run_config(tmp_path: Path, model_dir: Path, url: str, **sections: dict)
                    "tensorboard": False, "save_steps": 1, "run_id": "t"},
     }
     for name, values in sections.items():
-        cfg[name] = {**cfg.get(name, {}), **values}
+        cfg[name] = {**cfg.get(name, {}), **values} if isinstance(values, dict) else values
     return cfg

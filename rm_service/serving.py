@@ -178,7 +178,9 @@ class ModelManager:
             log.error("model load failed: %s", self.load_error)
             return
         log.info("scorer %s (%s) ready in %.1f s", self.scorer.version, self.scorer.kind, time.perf_counter() - t0)
-        if self.settings.registry is not None and self.settings.watch_registry and self.scorer.kind == "trained":
+        # With scorer auto (or trained), a version published later is picked up: the service can start
+        # zero-shot on an empty registry and switch to the first trained version without a restart.
+        if self.settings.registry is not None and self.settings.watch_registry and self.settings.scorer in {"auto", "trained"}:
             self._watcher = threading.Thread(target=self._watch, name="salmon-registry-watch", daemon=True)
             self._watcher.start()
 

@@ -13,7 +13,6 @@ Loading goes through ``salmon.config`` so every error is one line naming the fil
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
@@ -195,12 +194,6 @@ class GenerationConfig(_Section):
     vllm_server_base_url: str | None = Field(default=None, description="server mode, e.g. http://gen:8000.")
     vllm_gpu_memory_utilization: float = Field(default=0.3, gt=0, le=1, description="colocate mode.")
     vllm_tensor_parallel_size: int = Field(default=1, ge=1, description="colocate mode.")
-
-    @model_validator(mode="after")
-    def _vllm_installed(self) -> GenerationConfig:
-        if self.use_vllm and importlib.util.find_spec("vllm") is None:
-            raise ValueError("use_vllm is true but vllm is not installed (pip install vllm on a GPU machine)")
-        return self
 
 
 class OutputConfig(_Section):

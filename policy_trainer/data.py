@@ -19,7 +19,15 @@ PROMPT_TYPES = ("general", "reasoning", "redteam")
 
 
 def default_prompts_path() -> Path:
-    """data_synth's shipped prompts (package data), found without importing data_synth's code."""
+    """data_synth's shipped prompts (package data of the same distribution as this package).
+
+    Looked up beside this package first: both are installed side by side (site-packages or a
+    checkout), and that cannot be shadowed by another ``data_synth`` earlier on sys.path (a test
+    package of that name, for instance). importlib.resources is the fallback for other layouts.
+    """
+    sibling = Path(__file__).resolve().parent.parent / "data_synth" / "data" / "prompts.jsonl"
+    if sibling.is_file():
+        return sibling
     try:
         return Path(str(resources.files("data_synth") / "data" / "prompts.jsonl"))
     except ModuleNotFoundError:

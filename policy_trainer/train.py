@@ -19,6 +19,8 @@ What it does, in order:
 from __future__ import annotations
 
 import asyncio
+import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -212,6 +214,9 @@ def run_training(config: RunConfig, *, callbacks: list[TrainerCallback] | None =
     from salmon.modeling import ModelSourceError, load_tokenizer, resolve_model_dir
 
     cfg = config
+    if cfg.generation.use_vllm and importlib.util.find_spec("vllm") is None:
+        # Checked here, not when validating: a GPU config must still validate on a CPU laptop.
+        raise CLIError("generation.use_vllm: vllm is not installed (pip install vllm on the GPU machine)")
     run_id = cfg.run_id
     out = cfg.output.output_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -265,8 +270,6 @@ def run_training(config: RunConfig, *, callbacks: list[TrainerCallback] | None =
         log.warning("resuming run %s from %s (step %d)", run_id, ckpt, step)
 
     builder = {"grpo": "policy_trainer.grpo", "rloo": "policy_trainer.rloo"}[cfg.algorithm]
-    import importlib
-
     trainer = importlib.import_module(builder).build_trainer(
         cfg, model=str(model_dir), common=trl_common_args(cfg), reward_funcs=reward_funcs, train_dataset=dataset,
         peft_config=_peft_config(cfg), callbacks=[timer, saver, *(callbacks or [])])

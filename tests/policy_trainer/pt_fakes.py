@@ -25,7 +25,7 @@ from principles.schema import PrincipleSetError, load_principle_set, parse_princ
 
 
 def rule_score(text: str, pattern: str, penalty: float) -> float:
-    return float(len(re.findall(pattern, text))) - penalty * len(text)
+    return float(len(re.findall(pattern, text, re.IGNORECASE))) - penalty * len(text)  # as rm_service's rule scorer
 
 
 @dataclass

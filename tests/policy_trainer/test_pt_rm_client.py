@@ -8,6 +8,7 @@ import random
 import time
 
 import pytest
+from conftest import free_port
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pt_fakes import rule_score
@@ -21,7 +22,6 @@ from policy_trainer.rm_client import (
     plan_requests,
 )
 from principles.schema import load_principle_set
-from rm_service.testing import free_port
 
 PATTERN, PENALTY = r"[aeiou]", 0.01
 

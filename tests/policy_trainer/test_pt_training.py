@@ -81,11 +81,20 @@ def test_grpo_two_steps_with_principle_switch(service, tiny_model_dir, tmp_path)
 
 def test_rloo_two_steps(service, tiny_model_dir, tmp_path):
     cfg = RunConfig.model_validate(tiny_run_config(
-        tmp_path, tiny_model_dir, service.url, algorithm="rloo",
+        tmp_path, tiny_model_dir, service.url, algorithm="rloo", output={"tensorboard": True},
         shaping={"length_bonus": {"enabled": True}, "unfinished_penalty": 0.5}))
     result = run_training(cfg)
     assert result.global_step == 2
     check_rewards_match_service(result, service.recorder, range(2))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = list((tmp_path / "run").rglob("events.out.tfevents.*"))
+    assert len(events) == 1
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"salmon/step_time_s", "salmon/reward_wait_share", "train/reward_service/wait_s"} <= tags
+    assert len(acc.Scalars("salmon/step_time_s")) == 2
     # shaping is its own reward function: total = service + shaping, each logged separately
     for h in (h for h in result.log_history if "reward" in h):
         assert h["reward"] == pytest.approx(h["rewards/salmon_rm/mean"] + h["rewards/shaping/mean"], abs=1e-4)
@@ -181,3 +190,14 @@ def test_cli_exits_non_zero_naming_the_url_when_the_service_is_gone(tiny_model_d
     assert main(["train", "--config", str(path)]) == 3
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and url in err[0] and err[0].startswith("salmon train: error:")
+
+
+@pytest.mark.slow
+def test_embedded_policy_one_grpo_step(fake_service, tmp_path):
+    """The real default policy (SmolLM2-135M via salmon.modeling) trains a LoRA step over HTTP."""
+    cfg = RunConfig.model_validate(tiny_run_config(
+        tmp_path, "embedded", fake_service.url, training={"max_steps": 1, "beta": 0.0}))
+    result = run_training(cfg)
+    assert result.global_step == 1
+    check_rewards_match_service(result, fake_service.recorder, range(1))
+    assert (result.checkpoint / "adapter_model.safetensors").is_file()

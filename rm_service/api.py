@@ -106,8 +106,15 @@ async def get_set(name: str, service: ServiceDep) -> dict:
 async def put_set(name: str, request: Request, response: Response, service: ServiceDep) -> PrincipleSetInfo:
     try:
         body = json.loads(await request.body())
+        json.dumps(body, ensure_ascii=False).encode()  # a "\ud800" escape decodes, but is not text
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InvalidRequest(f"body is not valid JSON: {e}", param="body") from None
+    except UnicodeEncodeError:
+        raise InvalidRequest("body contains an unpaired surrogate escape (e.g. \\ud800); send valid Unicode text",
+                             param="body") from None
+    except RecursionError:
+        raise InvalidRequest("body is nested too deeply to parse; send a principle set object "
+                             "{'name', 'description', 'principles': [...]}", param="body") from None
     info, created = service.sets.put(name, body)
     response.status_code = 201 if created else 200
     return info

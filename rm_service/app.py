@@ -32,7 +32,8 @@ def error_body(status: int, type_: str, message: str, param: str | None = None) 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     parts, first = [], None
     for e in exc.errors()[:5]:
-        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+        # Union members of a validated type show up as 'function-after[...]' in loc: not a field name.
+        loc = [str(x) for x in e.get("loc", ()) if x != "body" and not str(x).startswith("function-")]
         path = ".".join(loc) or "body"
         if e.get("type") == "json_invalid":
             path = f"body (at character {'.'.join(loc)})" if loc else "body"
@@ -75,18 +76,29 @@ class BodyLimitMiddleware:
 
         try:
             await self.app(scope, limited_receive, send)
-        except _TooLarge:
+        except Exception as e:
+            if not _is_too_large(e):
+                raise
             await self._reject(send)
 
     async def _reject(self, send):
-        body = JSONResponse(error_body(413, "payload_too_large",
-                                       f"request body over the limit of {self.max_bytes} bytes; send fewer or "
-                                       "shorter items per request"), status_code=413)
-        await body({"type": "http"}, None, send)
+        await too_large_response(self.max_bytes)({"type": "http"}, None, send)
+
+
+def too_large_response(max_bytes: int) -> JSONResponse:
+    return JSONResponse(error_body(413, "payload_too_large", f"request body over the limit of {max_bytes} bytes; "
+                                   "send fewer or shorter items per request"), status_code=413)
 
 
 class _TooLarge(Exception):
     pass
+
+
+def _is_too_large(exc: BaseException | None) -> bool:
+    # The http middleware reads the body in a task group, so the signal may arrive wrapped in a group.
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(_TooLarge)[1] is None
+    return isinstance(exc, _TooLarge)
 
 
 def create_app(settings: ServiceSettings | None = None, service: ScoreService | None = None) -> FastAPI:
@@ -121,6 +133,16 @@ def create_app(settings: ServiceSettings | None = None, service: ScoreService | 
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
+        if _is_too_large(exc.__cause__):
+            # FastAPI's body parser turns any exception while reading into a 400; a streamed body cut
+            # off by BodyLimitMiddleware is the client's oversize body: 413, as with a Content-Length.
+            return too_large_response(settings.max_body_bytes)
+        if exc.status_code == 400:
+            # FastAPI's body parser fails this way on JSON it cannot decode other than by syntax
+            # (e.g. nested beyond the parser's recursion limit): the client's input, so 422 like any bad body.
+            return JSONResponse(error_body(422, "invalid_request", "the body could not be parsed as JSON (is it "
+                                           "nested too deeply?); send one JSON object as the endpoint's schema "
+                                           "describes", "body"), status_code=422)
         msg = {404: f"no such endpoint: {request.method} {request.url.path}",
                405: f"method {request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
         return JSONResponse(error_body(exc.status_code, "http_error", msg), status_code=exc.status_code)

@@ -5,25 +5,39 @@ Fields may be added, never renamed: trainers and OpenRLHF-style clients depend o
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from principles.schema import Principle
+
+
+def _valid_unicode(v: str) -> str:
+    # JSON lets "\ud800" through as a lone surrogate: not text, and it breaks hashing and tokenizers later.
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"contains an unpaired surrogate (\\u{ord(v[e.start]):04x} at character {e.start}); "
+                         "send valid Unicode text") from None
+    return v
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+"Every string a client sends: valid Unicode (checked once here, so no later stage meets a surrogate)."
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
 
 class ScoreItem(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str | list[ChatMessage] = Field(description="The instruction: a string or chat messages ending with a user turn.")
-    response: str = Field(description="The response to score.")
+    prompt: Text | list[ChatMessage] = Field(description="The instruction: a string or chat messages ending with a user turn.")
+    response: Text = Field(description="The response to score.")
 
 
 class InlinePrinciple(BaseModel):
@@ -31,9 +45,9 @@ class InlinePrinciple(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str
-    definition: str
-    negative_definition: str | None = None
+    name: Text
+    definition: Text
+    negative_definition: Text | None = None
 
     def to_principle(self) -> Principle:
         return Principle(name=self.name, definition=self.definition, negative_definition=self.negative_definition)
@@ -43,11 +57,11 @@ class ScoreRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     items: list[ScoreItem] = Field(min_length=1, description="One score comes back per item, in order.")
-    principle_set: str | None = Field(
+    principle_set: Text | None = Field(
         default=None, description="A registered set: 'name' (its current content) or 'name@hash' (exact content).")
-    principles: list[str | InlinePrinciple] | None = Field(
+    principles: list[Text | InlinePrinciple] | None = Field(
         default=None, description="Inline principles; win over principle_set. A string is a definition.")
-    negate: list[str] = Field(default_factory=list, description="Names of principles to negate (negative definitions).")
+    negate: list[Text] = Field(default_factory=list, description="Names of principles to negate (negative definitions).")
     truncate: bool = Field(default=True, description="Truncate over-long prompts from the start; false → 422.")
 
     @field_validator("principles")
@@ -78,8 +92,8 @@ class RewardRequest(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    query: list[str] = Field(min_length=1, description="Full chat-templated prompt+response texts.")
-    prompts: list[str] | None = Field(default=None, description="The prompt part of each query, if known.")
+    query: list[Text] = Field(min_length=1, description="Full chat-templated prompt+response texts.")
+    prompts: list[Text] | None = Field(default=None, description="The prompt part of each query, if known.")
     labels: list[Any] | None = None
 
 
@@ -106,7 +120,7 @@ class PrincipleSetList(BaseModel):
 class ReloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    version: str | None = Field(default=None, description="Registry version to serve; default: CURRENT.")
+    version: Text | None = Field(default=None, description="Registry version to serve; default: CURRENT.")
 
 
 class ReloadResponse(BaseModel):

@@ -31,6 +31,8 @@ def build_settings(args: argparse.Namespace, **extra):
     from rm_service.settings import ServiceSettings
 
     data = load_yaml(args.config) if getattr(args, "config", None) else {}
+    if not isinstance(data, dict):
+        raise CLIError(f"{args.config}: expected a mapping of settings at the top level, got {type(data).__name__}")
     keys = ["scorer", "model", "registry", "default_principle_set", "contrast", "prefix_cache",
             "max_batch_tokens", "dtype", "device", "host", "port", "insecure"]
     for k in keys:
@@ -59,10 +61,15 @@ def serve(argv: list[str]) -> int:
                        "or pass --insecure if the network is trusted")
     import uvicorn
 
+    from principles.schema import PrincipleSetError
     from rm_service.app import create_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(st), host=st.host, port=st.port, log_level=args.log_level, timeout_graceful_shutdown=10)
+    try:
+        app = create_app(st)
+    except PrincipleSetError as e:
+        raise CLIError(f"{args.config or 'settings'}: {e}") from None
+    uvicorn.run(app, host=st.host, port=st.port, log_level=args.log_level, timeout_graceful_shutdown=10)
     return 0
 
 

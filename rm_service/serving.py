@@ -58,12 +58,21 @@ class PrincipleSetStore:
         self._lock = threading.Lock()
         self._current: dict[str, PrincipleSet] = dict(load_builtin_sets())
         self._by_ref: OrderedDict[str, PrincipleSet] = OrderedDict()
+        # Errors name the setting they came from, so a bad config says which field to fix.
         if extra_dir is not None:
+            if not Path(extra_dir).is_dir():
+                raise PrincipleSetError(f"field 'principle_sets_dir': {extra_dir} is not a directory")
             for f in sorted(Path(extra_dir).glob("*.y*ml")):
-                s = load_principle_set(f)
+                try:
+                    s = load_principle_set(f)
+                except PrincipleSetError as e:
+                    raise PrincipleSetError(f"field 'principle_sets_dir': {e}") from None
                 self._current[s.name] = s
         if default not in self._current:
-            s = load_principle_set(default)  # a path to a YAML file
+            try:
+                s = load_principle_set(default)  # a path to a YAML file
+            except PrincipleSetError as e:
+                raise PrincipleSetError(f"field 'default_principle_set': {e}") from None
             self._current[s.name] = s
             default = s.name
         self.default = default

@@ -99,6 +99,8 @@ class Registry:
             m = Manifest.model_validate_json(mpath.read_bytes())
         except ValidationError as e:
             raise RegistryError(f"{mpath}: invalid manifest: {e.errors()[0]['msg']}") from None
+        if m.adapter is not None and vdir not in (vdir / m.adapter).resolve().parents:
+            raise RegistryError(f"{mpath}: adapter {m.adapter!r} points outside the version directory")
         if verify:
             for rel, digest in m.files.items():
                 f = (vdir / rel).resolve()

@@ -9,6 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.responses import PlainTextResponse
 
+from principles.schema import PrincipleSet
 from rm_service.errors import Forbidden, InvalidRequest, Unauthorized
 from rm_service.protocol import (
     ErrorResponse,
@@ -102,7 +103,18 @@ async def get_set(name: str, service: ServiceDep) -> dict:
     return {**s.canonical(), "hash": s.hash, "ref": s.ref}
 
 
-@router.put("/v1/principle-sets/{name}", response_model=PrincipleSetInfo, dependencies=admin_key)
+def _principle_set_body() -> dict:
+    """The PUT body's schema for the spec (the route parses the body itself, to word its own errors)."""
+    schema = PrincipleSet.model_json_schema()
+    principle = schema.pop("$defs")["Principle"]
+    schema["properties"]["principles"]["items"] = principle
+    schema["required"] = ["principles"]  # the name defaults to the URL's
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+@router.put("/v1/principle-sets/{name}", response_model=PrincipleSetInfo, dependencies=admin_key,
+            responses={201: {"model": PrincipleSetInfo, "description": "Created"}},
+            openapi_extra=_principle_set_body())
 async def put_set(name: str, request: Request, response: Response, service: ServiceDep) -> PrincipleSetInfo:
     try:
         body = json.loads(await request.body())

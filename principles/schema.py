@@ -29,6 +29,8 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from salmon.config import format_validation_error
+
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MAX_DEFINITION_CHARS = 2000
 MAX_PRINCIPLES = 64
@@ -37,6 +39,12 @@ HASH_LEN = 12
 
 class PrincipleSetError(ValueError):
     """A principle set that does not validate; the message names the file, the field and the fix."""
+
+
+def _check_name(v: str) -> str:
+    if not NAME_RE.match(v):
+        raise ValueError("use 1-64 letters, digits, '_', '.', '-' (starting with a letter or digit)")
+    return v
 
 
 class Principle(BaseModel):
@@ -55,9 +63,7 @@ class Principle(BaseModel):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not NAME_RE.match(v):
-            raise ValueError("use 1-64 letters, digits, '_', '.', '-' (starting with a letter or digit)")
-        return v
+        return _check_name(v)
 
     @field_validator("definition", "negative_definition")
     @classmethod
@@ -82,9 +88,7 @@ class PrincipleSet(BaseModel):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not NAME_RE.match(v):
-            raise ValueError("use 1-64 letters, digits, '_', '.', '-' (starting with a letter or digit)")
-        return v
+        return _check_name(v)
 
     @model_validator(mode="after")
     def _unique(self) -> PrincipleSet:
@@ -130,20 +134,6 @@ class PrincipleSet(BaseModel):
         )
 
 
-def _format_errors(err: ValidationError, where: str) -> str:
-    parts = []
-    for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "missing":
-            msg = "is required"
-        elif e["type"] == "extra_forbidden":
-            model = Principle if e["loc"][:1] == ("principles",) and len(e["loc"]) > 2 else PrincipleSet
-            msg = f"is not a known field (allowed: {', '.join(model.model_fields)})"
-        parts.append(f"{where}: field '{loc}' {msg}")
-    return "; ".join(parts)
-
-
 def parse_principle_set(data: object, where: str = "principle set") -> PrincipleSet:
     """Validate already-parsed YAML/JSON; errors name ``where``, the field and the fix."""
     if not isinstance(data, dict):
@@ -153,7 +143,7 @@ def parse_principle_set(data: object, where: str = "principle set") -> Principle
     try:
         return PrincipleSet.model_validate(data)
     except ValidationError as e:
-        raise PrincipleSetError(_format_errors(e, where)) from None
+        raise PrincipleSetError(format_validation_error(e, where, PrincipleSet)) from None
 
 
 def load_principle_set(path: str | Path) -> PrincipleSet:

@@ -152,6 +152,19 @@ class LMScorer(Scorer):
             mask[j, :len(r)] = 1
         return ids.to(self.device), mask.to(self.device)
 
+    def _batched(self, seqs: list[RenderedInput],
+                 fn: Callable[[torch.Tensor, torch.Tensor, list[RenderedInput]], list[float]]) -> list[float]:
+        """Run ``fn(ids, mask, rows)`` over length-sorted, budget-sized, right-padded chunks."""
+        lengths = [len(s) for s in seqs]
+        order = sorted(range(len(seqs)), key=lambda i: -lengths[i])
+        out = [0.0] * len(seqs)
+        for chunk in self._chunks(order, lengths):
+            rows = [seqs[i] for i in chunk]
+            ids, mask = self._pad([r.input_ids for r in rows])
+            for i, v in zip(chunk, fn(ids, mask, rows), strict=True):
+                out[i] = float(v)
+        return out
+
 
 class CausalLMScorer(LMScorer):
     """Scorers whose value comes from a causal LM's next-token distribution."""
@@ -209,19 +222,17 @@ class ContrastiveScorer(CausalLMScorer):
     @torch.inference_mode()
     def full_response_logprobs(self, seqs: list[RenderedInput]) -> list[float]:
         """The no-cache path: every sequence in full, right-padded, batched by token budget."""
-        lengths = [len(s) for s in seqs]
-        order = sorted(range(len(seqs)), key=lambda i: -lengths[i])
-        out = [0.0] * len(seqs)
         decoder = self._decoder()
-        for chunk in self._chunks(order, lengths):
-            ids, mask = self._pad([seqs[i].input_ids for i in chunk])
+
+        def run(ids, mask, rows):
             hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
-            for j, i in enumerate(chunk):
-                p, r = len(seqs[i].prefix_ids), len(seqs[i].response_ids)
-                rows = hidden[j, p - 1:p + r - 1]
-                targets = ids[j, p:p + r]
-                out[i] = float(self._response_logprob_sum(rows, targets))
-        return out
+            out = []
+            for j, r in enumerate(rows):
+                p, n = len(r.prefix_ids), len(r.response_ids)
+                out.append(self._response_logprob_sum(hidden[j, p - 1:p + n - 1], ids[j, p:p + n]))
+            return out
+
+        return self._batched(seqs, run)
 
 
 def _toggle_all(negated: frozenset[str], names: list[str]) -> frozenset[str]:
@@ -245,20 +256,13 @@ class ProbeScorer(CausalLMScorer):
 
     @torch.inference_mode()
     def compute(self, seqs):
-        lengths = [len(s) for s in seqs]
-        order = sorted(range(len(seqs)), key=lambda i: -lengths[i])
-        out = [0.0] * len(seqs)
+        def run(ids, mask, rows):
+            hidden = self._decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+            logits = self._lm_head(hidden[torch.arange(len(rows)), mask.sum(1) - 1])
+            return (logits[:, self.yes_id] - logits[:, self.no_id]).tolist()
+
         with self._lock:
-            decoder = self._decoder()
-            for chunk in self._chunks(order, lengths):
-                ids, mask = self._pad([seqs[i].input_ids for i in chunk])
-                hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
-                last = hidden[torch.arange(len(chunk)), mask.sum(1) - 1]
-                logits = self._lm_head(last)
-                vals = (logits[:, self.yes_id] - logits[:, self.no_id]).tolist()
-                for j, i in enumerate(chunk):
-                    out[i] = vals[j]
-        return out, [0] * len(seqs)
+            return self._batched(seqs, run), [0] * len(seqs)
 
 
 class TrainedScorer(LMScorer):
@@ -278,16 +282,11 @@ class TrainedScorer(LMScorer):
 
     @torch.inference_mode()
     def compute(self, seqs):
-        lengths = [len(s) for s in seqs]
-        order = sorted(range(len(seqs)), key=lambda i: -lengths[i])
-        out = [0.0] * len(seqs)
+        def run(ids, mask, rows):
+            return self.model(input_ids=ids, attention_mask=mask).logits[:, 0].float().tolist()
+
         with self._lock:
-            for chunk in self._chunks(order, lengths):
-                ids, mask = self._pad([seqs[i].input_ids for i in chunk])
-                vals = self.model(input_ids=ids, attention_mask=mask).logits[:, 0].float().tolist()
-                for j, i in enumerate(chunk):
-                    out[i] = vals[j]
-        return out, [0] * len(seqs)
+            return self._batched(seqs, run), [0] * len(seqs)
 
 
 # -- construction ------------------------------------------------------------------------------

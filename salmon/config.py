@@ -7,7 +7,7 @@ Errors are one line that names the file, the field and what is wrong, e.g.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -17,7 +17,26 @@ from salmon.cli import CLIError
 M = TypeVar("M", bound=BaseModel)
 
 
-def format_validation_error(err: ValidationError, where: str) -> str:
+def _model_at(model: type[BaseModel] | None, loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model that owns the field at ``loc`` (to list the fields allowed there)."""
+    for part in loc[:-1]:
+        if model is None or isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        nxt = None
+        for t in (field.annotation, *get_args(field.annotation)):
+            for c in (t, *get_args(t)):
+                if isinstance(c, type) and issubclass(c, BaseModel):
+                    nxt = c
+        model = nxt
+    return model
+
+
+def format_validation_error(err: ValidationError, where: str, model: type[BaseModel] | None = None) -> str:
+    """One line: ``where: field 'a.b': what is wrong; field 'c': …``. ``model`` lets unknown-field
+    errors list the fields allowed at that place."""
     parts = []
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
@@ -25,7 +44,9 @@ def format_validation_error(err: ValidationError, where: str) -> str:
         if e["type"] == "missing":
             msg = "is required"
         elif e["type"] == "extra_forbidden":
-            msg = "is not a known field (check the spelling; see the config's documentation)"
+            owner = _model_at(model, tuple(e["loc"]))
+            allowed = f"allowed: {', '.join(owner.model_fields)}" if owner else "check the spelling"
+            msg = f"is not a known field ({allowed})"
         parts.append(f"field '{loc}': {msg}")
     return f"{where}: " + "; ".join(parts)
 
@@ -52,7 +73,7 @@ def validate_config(model: type[M], data: Any, where: str) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        raise CLIError(format_validation_error(e, where)) from None
+        raise CLIError(format_validation_error(e, where, model)) from None
 
 
 def load_config(model: type[M], path: str | Path | None, overrides: dict[str, Any] | None = None) -> M:

@@ -6,6 +6,7 @@ CLI flags. Secrets (``SALMON_API_KEY``, ``SALMON_ADMIN_KEY``) come from the envi
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 
@@ -76,4 +77,10 @@ class ServiceSettings(BaseSettings):
 
     @property
     def is_loopback(self) -> bool:
-        return self.host in {"127.0.0.1", "localhost", "::1"} or self.host.startswith("127.")
+        # An IP literal in 127.0.0.0/8 or ::1, or 'localhost'; a name like '127.0.0.1.example.org' is not.
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False

@@ -217,6 +217,10 @@ def run_training(config: RunConfig, *, callbacks: list[TrainerCallback] | None =
     if cfg.generation.use_vllm and importlib.util.find_spec("vllm") is None:
         # Checked here, not when validating: a GPU config must still validate on a CPU laptop.
         raise CLIError("generation.use_vllm: vllm is not installed (pip install vllm on the GPU machine)")
+    if cfg.distributed.num_threads:
+        import torch
+
+        torch.set_num_threads(cfg.distributed.num_threads)
     run_id = cfg.run_id
     out = cfg.output.output_dir
     out.mkdir(parents=True, exist_ok=True)

@@ -39,9 +39,11 @@ class ServerThread:
         return f"http://{self.settings.host}:{self.settings.port}"
 
     def start(self, timeout_s: float = 180.0) -> ServerThread:
-        from rm_service.app import create_app
+        app = self._app
+        if app is None:
+            from rm_service.app import create_app
 
-        app = self._app if self._app is not None else create_app(self.settings)
+            app = create_app(self.settings)
         config = uvicorn.Config(app, host=self.settings.host, port=self.settings.port, log_level="warning",
                                 lifespan="on", timeout_graceful_shutdown=5)
         self._server = uvicorn.Server(config)

@@ -117,5 +117,5 @@ def test_32_clients_tiny_model_with_prefix_cache(tmp_path, tiny_model_dir):
                 "principle_set": "hhh"}
         httpx.post(srv.url + "/v1/score", json=body, timeout=60).raise_for_status()  # warm-up
         rss0 = srv.rss_mb()
-        stats = _drive(srv.url, body, seconds=10, max_requests=200, sample_rss=srv.rss_mb)
+        stats = _drive(srv.url, body, seconds=8, max_requests=200, sample_rss=srv.rss_mb)
         _check_and_report("load: 32 clients, tiny model, queue of 32 items", srv, stats, rss0, queue)

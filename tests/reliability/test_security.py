@@ -5,6 +5,7 @@ bad service configs ending in one line that names the field."""
 from __future__ import annotations
 
 import ast
+import concurrent.futures as cf
 import hmac
 import inspect
 import json
@@ -138,13 +139,15 @@ BAD_CONFIGS = {
 }
 
 
+@pytest.mark.slow
 def test_bad_service_configs_fail_in_one_line_naming_the_field(tmp_path):
     """`salmon serve --config bad.yaml` as a subprocess (bind stubbed): exit 2, one line, the field named."""
     sets = tmp_path / "sets"
     sets.mkdir()
     (sets / "bad.yaml").write_text("name: x\nprinciples: [\n")
-    tried = 0
-    for name, (text, expect) in BAD_CONFIGS.items():
+
+    def run(name: str) -> tuple[str, str, object]:
+        text, expect = BAD_CONFIGS[name]
         cfg = tmp_path / f"{name.replace(' ', '_')}.yaml"
         if isinstance(text, bytes):
             cfg.write_bytes(text)
@@ -152,12 +155,16 @@ def test_bad_service_configs_fail_in_one_line_naming_the_field(tmp_path):
             cfg.write_text(text.format(sets=sets))
         # --scorer rule keeps a config that would load a model quick; configs under test set their own.
         extra = [] if "scorer" in str(text) else ["--scorer", "rule"]
-        r = run_cli_no_bind(["serve", "--config", str(cfg), *extra])
+        return name, expect, run_cli_no_bind(["serve", "--config", str(cfg), *extra])
+
+    with cf.ThreadPoolExecutor(2) as pool:  # independent subprocesses: two at a time
+        results = list(pool.map(run, BAD_CONFIGS))
+    for name, expect, r in results:
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2, (name, r.returncode, r.stderr[-800:])
         assert len(lines) == 1 and lines[0].startswith("salmon serve: error: ") and expect in lines[0], (name, lines)
         assert "Traceback" not in r.stderr and "BIND ATTEMPTED" not in r.stderr
-        tried += 1
+    tried = len(results)
     record("bad service configs (salmon serve --config, subprocess)", configs_tried=tried, one_line_errors=tried)
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from salmon.config import format_validation_error
+from salmon.config import format_validation_error, yaml_error_line
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MAX_DEFINITION_CHARS = 2000
@@ -165,9 +165,7 @@ def load_principle_set(path: str | Path) -> PrincipleSet:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise PrincipleSetError(f"{p}: invalid YAML{at}: {getattr(e, 'problem', e)}") from None
+        raise PrincipleSetError(f"{p}: {yaml_error_line(e)}") from None
     return parse_principle_set(data, where=str(p))
 
 

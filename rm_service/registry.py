@@ -159,5 +159,8 @@ class Registry:
         atomic_write_text(self.root / CURRENT, version + "\n")
 
     def _clean_staging(self) -> None:
+        """Remove what a killed publish left: staging dirs and temp files of the CURRENT pointer."""
         for p in self.root.glob(".staging-*"):
             shutil.rmtree(p, ignore_errors=True)
+        for p in self.root.glob(f".{CURRENT}.*.tmp"):
+            p.unlink(missing_ok=True)

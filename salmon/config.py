@@ -51,6 +51,14 @@ def format_validation_error(err: ValidationError, where: str, model: type[BaseMo
     return f"{where}: " + "; ".join(parts)
 
 
+def yaml_error_line(e: yaml.YAMLError) -> str:
+    """A YAML error as one line with its position (PyYAML's own text spans several lines)."""
+    mark = getattr(e, "problem_mark", None)
+    at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = getattr(e, "problem", None) or str(e)
+    return f"invalid YAML{at}: " + " ".join(str(problem).split())
+
+
 def load_yaml(path: str | Path) -> Any:
     p = Path(path)
     try:
@@ -62,9 +70,7 @@ def load_yaml(path: str | Path) -> Any:
     try:
         return yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise CLIError(f"{p}: invalid YAML{at}: {getattr(e, 'problem', e)}") from None
+        raise CLIError(f"{p}: {yaml_error_line(e)}") from None
 
 
 def validate_config(model: type[M], data: Any, where: str) -> M:

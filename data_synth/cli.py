@@ -171,12 +171,14 @@ def _judge(args) -> int:
 
 
 def _judge_check(args) -> int:
-    from .judge import compare_sources
+    from .judge import compare_sources, store_check
 
     cfg = _judge_cfg(args)
     if args.limit:
         cfg = cfg.model_copy(update={"check_limit": args.limit})
-    _print(compare_sources(cfg))
+    res = compare_sources(cfg)
+    store_check(cfg, res)  # `source: auto` with the same judge and limit reuses this measurement
+    _print(res)
     return 0
 
 

@@ -82,7 +82,7 @@ class JudgeConfig(_Strict):
     batch_size: int = Field(default=16, ge=1, description="Principle suffixes per forward pass.")
     shard_size: int = Field(default=4, ge=1, description="Pairs per output shard (the unit of resume).")
     check_set: Path | None = Field(default=None, description="Labelled flip pairs (default: principles/checks/flip_pairs.jsonl).")
-    check_limit: int | None = Field(default=None, ge=1, description="Use only the first N check pairs for source=auto.")
+    check_limit: int | None = Field(default=14, ge=1, description="source=auto measures on N evenly spaced check pairs (None: all).")
     dtype: DType = "auto"
     device: str = "auto"
 

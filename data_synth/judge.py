@@ -339,7 +339,11 @@ def load_check_set(path: Path, limit: int | None = None) -> list[dict]:
                         "a": r["response_a"], "b": r["response_b"]})
         except Exception as e:  # noqa: BLE001 - any malformed record becomes one clear line
             raise CLIError(f"{path}: record {n}: not a flip pair ({type(e).__name__}: {e})"[:300]) from None
-    return out[:limit] if limit else out
+    if limit and limit < len(out):
+        # Evenly spaced, not the first N: the file is grouped by principle, and a check on the first
+        # few records would measure one principle only.
+        out = [out[i * len(out) // limit] for i in range(limit)]
+    return out
 
 
 def evaluate_source(judge: PairJudge, checks: Sequence[dict]) -> dict[str, Any]:
@@ -385,24 +389,34 @@ def compare_sources(cfg: JudgeConfig, model_cache: dict | None = None) -> dict[s
     return results
 
 
+def _check_cache_path(cfg: JudgeConfig) -> Path:
+    from salmon.modeling import cache_dir
+
+    judge_id = cfg.endpoint.model_dump(mode="json") if cfg.backend == "openai" else cfg.model
+    key = stable_hash({"judge": judge_id, "backend": cfg.backend, "check": file_sha256(check_set_path(cfg)),
+                       "limit": cfg.check_limit, "v": JUDGE_FORMAT_VERSION})
+    return cache_dir() / "judge-check" / f"{key}.json"
+
+
+def store_check(cfg: JudgeConfig, res: dict[str, Any]) -> bool:
+    """Cache a complete comparison for source=auto; one with a missing source is not cached."""
+    from salmon.atomic import atomic_write_json
+
+    if any("unavailable" in r for r in (res.get("ab"), res.get("contrastive")) if isinstance(r, dict)):
+        return False
+    atomic_write_json(_check_cache_path(cfg), res)
+    return True
+
+
 def resolve_source(cfg: JudgeConfig, model_cache: dict | None = None) -> str:
     """cfg.source, or for 'auto' the better source on the check set (measured once, cached)."""
     if cfg.source != "auto":
         return cfg.source
-    from salmon.atomic import atomic_write_json
-    from salmon.modeling import cache_dir
-
-    path = check_set_path(cfg)
-    judge_id = cfg.endpoint.model_dump(mode="json") if cfg.backend == "openai" else cfg.model
-    key = stable_hash({"judge": judge_id, "backend": cfg.backend, "check": file_sha256(path),
-                       "limit": cfg.check_limit, "v": JUDGE_FORMAT_VERSION})
-    cached = cache_dir() / "judge-check" / f"{key}.json"
+    cached = _check_cache_path(cfg)
     if cached.is_file():
         return json.loads(cached.read_text())["best"]
     res = compare_sources(cfg, model_cache)
-    if any("unavailable" in r for r in (res.get("ab"), res.get("contrastive")) if isinstance(r, dict)):
-        return res["best"]  # not cached: the answer changes once the missing source lands
-    atomic_write_json(cached, res)
+    store_check(cfg, res)
     return res["best"]
 
 

@@ -164,3 +164,13 @@ def test_contrastive_source_is_the_difference_of_the_services_pointwise_scores(t
     swapped = src.judge_pair(Q, B, A, PRINCIPLES)
     assert [s for s, _ in swapped] == pytest.approx([-s for s, _ in got], abs=1e-3)  # no position bias
     assert src.negated_pair(Q, A, B, PRINCIPLES[0]) == pytest.approx(-got[0][0], abs=1e-3)
+
+
+@pytest.mark.slow
+def test_prefix_reuse_matches_full_passes_on_the_embedded_model():
+    from salmon.modeling import load_causal_lm, load_tokenizer
+
+    model, tok = load_causal_lm("embedded"), load_tokenizer("embedded")
+    reuse = LocalABJudge(model, tok, prefix_reuse=True).judge_pair(Q, A, B, PRINCIPLES)
+    full = LocalABJudge(model, tok, prefix_reuse=False).judge_pair(Q, A, B, PRINCIPLES)
+    assert [s for p in reuse for s in p] == pytest.approx([s for p in full for s in p], abs=1e-3)

@@ -18,7 +18,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="salmon train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="run YAML (see policy_trainer/config.py; policy_trainer/configs/ has examples)")
-    p.add_argument("--algorithm", choices=["grpo", "rloo"], help="overrides algorithm")
+    p.add_argument("--algorithm", choices=["grpo", "rloo", "ppo"], help="overrides algorithm")
     p.add_argument("--rm-url", help="overrides reward.url")
     p.add_argument("--policy", help="overrides policy.model")
     p.add_argument("--principle-set", help="overrides principles.set")

@@ -4,7 +4,7 @@ One YAML file says everything about a run; a GPU run changes fields (precision, 
 DeepSpeed), never code. Unknown fields are errors (typos must not silently fall back to defaults).
 Loading goes through ``salmon.config`` so every error is one line naming the file and the field.
 
-    algorithm: grpo            # or rloo
+    algorithm: grpo            # or rloo, or ppo (our own trainer; its knobs in the ppo: section)
     policy: {model: embedded}
     reward: {url: http://127.0.0.1:8000}
     principles: {set: rl, intervention: intervention, select_k: 3, schedule: [{step: 50, set: harmless}]}
@@ -19,6 +19,7 @@ from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from policy_trainer.ppo_config import PPOSettings
 from salmon.config import load_yaml, validate_config
 
 
@@ -224,7 +225,9 @@ class DistributedConfig(_Section):
 class RunConfig(_Section):
     """Everything about one RL run. See docs/scaling.md for multi-GPU launches."""
 
-    algorithm: Literal["grpo", "rloo"] = Field(default="grpo", description="TRL GRPOTrainer or RLOOTrainer.")
+    algorithm: Literal["grpo", "rloo", "ppo"] = Field(
+        default="grpo", description="TRL GRPOTrainer or RLOOTrainer, or ppo: our PPO with a value model "
+        "(policy_trainer.ppo), configured in the ppo: section.")
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
@@ -234,6 +237,7 @@ class RunConfig(_Section):
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    ppo: PPOSettings = Field(default_factory=PPOSettings, description="PPO only (algorithm: ppo).")
 
     @property
     def run_id(self) -> str:

@@ -24,6 +24,13 @@ from salmon.atomic import atomic_write_bytes, atomic_write_json
 log = logging.getLogger(__name__)
 
 
+# What PPO users look for beside reward and KL (policy_trainer.ppo logs these; GRPO does not).
+PPO_KEYS = {"reward_std": "reward_std", "entropy": "entropy", "value_loss": "loss/value_avg",
+            "policy_loss": "loss/policy_avg", "clipfrac": "policy/clipfrac_avg", "value_clipfrac": "val/clipfrac_avg",
+            "explained_variance": "val/explained_variance", "approxkl": "policy/approxkl_avg",
+            "kl_coef": "kl_coef", "peak_rss_mb": "memory/peak_rss_mb"}
+
+
 class StepTimer(TrainerCallback):
     """Wall time of each optimizer step, plus its reward wait (from ServiceReward.wait_by_step)."""
 
@@ -70,7 +77,8 @@ def build_report(*, run_id: str, algorithm: str, rows: Sequence[dict[str, Any]],
     for r in sorted(rows, key=lambda r: r["step"]):
         h = by_step.get(r["step"], {})
         steps.append({**r, "reward": h.get("reward"), "rm_reward": h.get("rewards/salmon_rm/mean"),
-                      "mean_length": h.get("completions/mean_length"), "kl": h.get("kl")})
+                      "mean_length": h.get("completions/mean_length"), "kl": h.get("kl"),
+                      **{name: h[key] for name, key in PPO_KEYS.items() if key in h}})
     total = sum(r["step_s"] for r in rows)
     wait = sum(r["reward_wait_s"] for r in rows)
     # The first step carries one-off costs (lazy init, the first HTTP connection); report both.

@@ -1,4 +1,4 @@
-"""``run_training(config) -> RunResult``: one RL run, GRPO or RLOO on TRL, rewards over HTTP.
+"""``run_training(config) -> RunResult``: one RL run (GRPO or RLOO on TRL, or our PPO), rewards over HTTP.
 
 What it does, in order:
 
@@ -7,7 +7,8 @@ What it does, in order:
 2. Registers the run's principle sets (start, scheduled, intervention) and refers to each as
    ``name@hash`` from then on.
 3. Builds the TRL trainer (LoRA via PEFT, policy from salmon.modeling) with two reward functions:
-   the service's score and SALMON's shaping terms (see policy_trainer.rewards).
+   the service's score and SALMON's shaping terms (see policy_trainer.rewards); for PPO, our
+   PPOTrainer (policy_trainer.ppo) over the same reward callables, callbacks and checkpoint layout.
 4. Trains, resuming from the newest checkpoint in ``output.output_dir`` when there is one.
 5. If the service stays unreachable past the retry budget: saves a checkpoint and raises
    :class:`TrainingAborted` (``salmon train`` exits 3 with the URL and the last error).
@@ -273,19 +274,28 @@ def run_training(config: RunConfig, *, callbacks: list[TrainerCallback] | None =
             timer.load_state_dict(st.get("steps", []), step)
         log.warning("resuming run %s from %s (step %d)", run_id, ckpt, step)
 
-    builder = {"grpo": "policy_trainer.grpo", "rloo": "policy_trainer.rloo"}[cfg.algorithm]
-    trainer = importlib.import_module(builder).build_trainer(
-        cfg, model=str(model_dir), common=trl_common_args(cfg), reward_funcs=reward_funcs, train_dataset=dataset,
-        peft_config=_peft_config(cfg), callbacks=[timer, saver, *(callbacks or [])])
+    trainer: Any
+    if cfg.algorithm == "ppo":  # ours (TRL has no PPO any more); same rewards, callbacks and report
+        from policy_trainer.ppo import PPOTrainer
+
+        trainer = PPOTrainer(cfg, model_dir=model_dir, train_dataset=dataset, reward=rm, shaping=shaping,
+                             callbacks=[timer, saver, *(callbacks or [])])
+    else:
+        builder = {"grpo": "policy_trainer.grpo", "rloo": "policy_trainer.rloo"}[cfg.algorithm]
+        trainer = importlib.import_module(builder).build_trainer(
+            cfg, model=str(model_dir), common=trl_common_args(cfg), reward_funcs=reward_funcs,
+            train_dataset=dataset, peft_config=_peft_config(cfg), callbacks=[timer, saver, *(callbacks or [])])
     eos = list(getattr(trainer, "eos_token_ids", None) or [trainer.processing_class.eos_token_id])
     rm.eos_token_ids = eos
     if shaping is not None:
         shaping.eos_token_ids = eos
     if writer is not None:
         writer.rank = trainer.accelerator.process_index
-    from transformers.integrations import TensorBoardCallback
+    if cfg.algorithm != "ppo":  # PPOTrainer hands the timer its own writer when training starts
+        from transformers.integrations import TensorBoardCallback
 
-    timer.tb_callback = next((c for c in trainer.callback_handler.callbacks if isinstance(c, TensorBoardCallback)), None)
+        timer.tb_callback = next((c for c in trainer.callback_handler.callbacks
+                                  if isinstance(c, TensorBoardCallback)), None)
 
     try:
         trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)

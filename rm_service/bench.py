@@ -4,7 +4,8 @@ Workload (GRPO-shaped, seeded): B prompts × G responses per round, R rounds, on
 whole run. A trainer sends one request per prompt group (G items sharing a prompt), the B requests of
 a round concurrently, and waits for the round before the next (a training step). Every round has new
 prompts; the principle block is the same throughout, so cross-request reuse of its key/value cache
-shows. Each configuration is warmed up once with one extra round of other prompts (not timed).
+shows. Each configuration is warmed up once, not timed, with one request of the same shape and another
+prompt (it also puts the principle block in the service's cache, as in a long run).
 
 - Principle set: shipped principles (rm, then self_align, harmless, honest, rl, ...) taken in order
   until the system segment (the principle block through the chat template) reaches
@@ -196,16 +197,17 @@ def _response(tokenizer, rng: random.Random, n_tokens: int) -> str:
 
 
 def build_workload(tokenizer, args) -> dict:
-    """Rounds of groups: ``{"warmup": [[prompt, [responses]]...], "rounds": [[...], ...]}``."""
+    """Groups of (prompt, responses): ``{"warmup": [group], "rounds": [[group × B] × R]}``."""
     rng = random.Random(args.seed)
-    prompts = _prompt_pool(rng, args.prompts * (args.rounds + 1))
+    prompts = _prompt_pool(rng, 1 + args.prompts * args.rounds)
 
     def group(prompt: str) -> list:
         lens = [rng.randint(args.min_response_tokens, args.max_response_tokens) for _ in range(args.generations)]
         return [prompt, [_response(tokenizer, rng, n) for n in lens]]
 
-    rounds = [[group(prompts[r * args.prompts + b]) for b in range(args.prompts)] for r in range(args.rounds + 1)]
-    return {"warmup": rounds[0], "rounds": rounds[1:]}
+    warmup = [group(prompts[0])]  # one request of the same shape: allocator, kernels, the principle block
+    rounds = [[group(prompts[1 + r * args.prompts + b]) for b in range(args.prompts)] for r in range(args.rounds)]
+    return {"warmup": warmup, "rounds": rounds}
 
 
 # -- the limit and the baseline's model call ------------------------------------------------------
@@ -234,6 +236,8 @@ def limit_logprobs(scorer, seqs, block_kv: dict) -> tuple[list[float], int]:
     import torch
     from transformers import DynamicCache
 
+    from rm_service.scorers import LOGIT_CHUNK
+
     by_block: dict = defaultdict(lambda: defaultdict(list))
     for i, s in enumerate(seqs):
         by_block[s.system_ids][s.prompt_ids].append(i)
@@ -261,13 +265,16 @@ def limit_logprobs(scorer, seqs, block_kv: dict) -> tuple[list[float], int]:
                     pos = torch.arange(plen, plen + w, device=dev)[None].expand(b, -1)
                     hidden = dec(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                                  use_cache=True).last_hidden_state
-                    # One lm_head call over every predicting position of the chunk.
+                    # lm_head over every predicting position of the chunk together, LOGIT_CHUNK rows
+                    # at a time (bounds the [rows, vocab] logits as the service does).
                     sel = smask[:, 1:].bool()
-                    lp = torch.log_softmax(scorer._lm_head(hidden[:, :-1][sel]), dim=-1)
-                    tok_lp = lp.gather(1, ids[:, 1:][sel][:, None])[:, 0]
-                    row = torch.arange(b, device=dev)[:, None].expand(b, w - 1)[sel]
-                    sums = torch.zeros(b, dtype=torch.float32, device=dev).index_add_(0, row, tok_lp)
-                    sums = sums + first_lp[ids[:, 0]]
+                    rows, targets = hidden[:, :-1][sel], ids[:, 1:][sel]
+                    owner = torch.arange(b, device=dev)[:, None].expand(b, w - 1)[sel]
+                    sums = first_lp[ids[:, 0]].clone()
+                    for c in range(0, rows.shape[0], LOGIT_CHUNK):
+                        logits = scorer._lm_head(rows[c:c + LOGIT_CHUNK])
+                        tok = logits.gather(1, targets[c:c + LOGIT_CHUNK, None])[:, 0] - logits.logsumexp(-1)
+                        sums.index_add_(0, owner[c:c + LOGIT_CHUNK], tok)
                     for j, i in enumerate(chunk):
                         out[i] = float(sums[j])
     return out, ran
@@ -464,7 +471,7 @@ class _Worker:
 
 
 async def _drive(url: str, workload: dict, timeout_s: float) -> dict:
-    """Send the warm-up round, then the timed rounds: B concurrent requests per round, round after round."""
+    """Send the warm-up request, then the timed rounds: B concurrent requests per round, round after round."""
     import httpx
 
     async def one(client, prompt, responses) -> tuple[float, dict]:
@@ -648,7 +655,7 @@ def markdown(report: dict) -> str:
         f"- Versions: salmon {env['salmon']} (git {env['git']}), torch {env['torch']}, "
         f"transformers {env['transformers']}, Python {env['python']}.",
         f"- Workload: B={wl['prompts']} prompts × G={wl['generations']} responses × R={wl['rounds']} timed rounds "
-        f"(+1 warm-up round), principle block {wl['prefix_tokens_actual']} tokens ({wl['num_principles']} "
+        f"(+1 warm-up request), principle block {wl['prefix_tokens_actual']} tokens ({wl['num_principles']} "
         f"principles), responses {wl['min_response_tokens']}–{wl['max_response_tokens']} tokens "
         f"(mean {wl['mean_response_tokens']:.0f}), seed {wl['seed']}, max_batch_tokens {wl['max_batch_tokens']}; "
         f"{s['tokens']:,} full-sequence tokens scored per configuration"

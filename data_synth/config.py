@@ -124,6 +124,7 @@ class TrainConfig(_Strict):
     grad_accum: int = Field(default=1, ge=1)
     max_length: int = Field(default=512, ge=16, description="Pairs with a longer rendered input are dropped.")
     eval_batch_size: int = Field(default=16, ge=1)
+    gradient_checkpointing: bool = Field(default=False, description="Trade compute for memory (big backbones on GPU).")
     seed: int = 42
     publish: bool = True
     dtype: DType = "auto"

@@ -145,7 +145,13 @@ def train_reward_model(train_path: str | Path, eval_path: str | Path | None, cfg
 
     from rm_service.registry import Registry
     from rm_service.render import PROMPT_FORMAT_VERSION, Renderer
-    from salmon.modeling import ModelOptions, load_sequence_classifier, load_tokenizer, pick_device
+    from salmon.modeling import (
+        ModelOptions,
+        load_sequence_classifier,
+        load_tokenizer,
+        pick_device,
+        pick_dtype,
+    )
 
     t0 = time.monotonic()
     train_rows = load_rm_rows(train_path)
@@ -174,7 +180,8 @@ def train_reward_model(train_path: str | Path, eval_path: str | Path | None, cfg
 
     work = Path(tempfile.mkdtemp(prefix="salmon-rm-train-"))
     try:
-        on_cpu = pick_device(cfg.device).type == "cpu"
+        device = pick_device(cfg.device)
+        on_cpu = device.type == "cpu"
         args = RewardConfig(
             output_dir=str(work / "trainer"), num_train_epochs=cfg.epochs,
             per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
@@ -183,6 +190,11 @@ def train_reward_model(train_path: str | Path, eval_path: str | Path | None, cfg
             report_to="none", seed=cfg.seed, data_seed=cfg.seed, use_cpu=on_cpu,
             max_length=None,  # already filtered above with the same limit: nothing is truncated
             dataloader_num_workers=0, disable_tqdm=False,
+            # TRL defaults to bf16 autocast and gradient checkpointing (GPU memory savers). On CPU bf16
+            # autocast is slower and makes the trained model's outputs differ from the served fp32 ones;
+            # checkpointing recomputes activations a 135M model does not need to drop.
+            bf16=pick_dtype(cfg.dtype, device) == torch.bfloat16,
+            gradient_checkpointing=cfg.gradient_checkpointing,
         )
         train_ds = Dataset.from_list(rendered)
         hf_logging.set_verbosity_error()

@@ -131,6 +131,11 @@ class TrainConfig(_Strict):
     device: str = "auto"
 
 
+# The run and watch defaults judge 5 of the rm set's 11 principles: with the contrastive source each principle
+# costs ~4 short passes per pair, and 11 of them alone would take most of the 15-minute CPU budget.
+RUN_PRINCIPLES = ["concise", "honest_and_accurate", "ethical", "specific", "comprehensive"]
+
+
 class WatchConfig(_Strict):
     rollouts_dir: Path = Field(description="Where the RL trainer exports <run_id>/step-*.jsonl shards.")
     work_dir: Path = Field(default=Path("runs/watch"), description="Judgments, datasets and state of the loop.")
@@ -138,7 +143,7 @@ class WatchConfig(_Strict):
     poll_s: float = Field(default=10.0, gt=0)
     min_response_chars: int = Field(default=8, ge=1)
     max_pairs_per_group: int = Field(default=1, ge=1, description="Pairs formed from one prompt's group.")
-    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    judge: JudgeConfig = Field(default_factory=lambda: JudgeConfig(principles=list(RUN_PRINCIPLES)))
     aggregate: AggregateConfig = Field(default_factory=AggregateConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
 
@@ -150,6 +155,6 @@ class RunConfig(_Strict):
     num_prompts: int | None = Field(default=32, ge=1, description="Use the first N prompts (None: all).")
     out: Path = Field(default=Path("runs/synth"))
     sample: SampleConfig = Field(default_factory=SampleConfig)
-    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    judge: JudgeConfig = Field(default_factory=lambda: JudgeConfig(principles=list(RUN_PRINCIPLES)))
     aggregate: AggregateConfig = Field(default_factory=AggregateConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)

@@ -652,6 +652,7 @@ def markdown(report: dict) -> str:
         f"torch threads {s['configurations'].get('service', {}).get('torch_threads', '–')}.",
         f"- Load average (1/5/15 min) at start: {env['load_average']}; at end: {report['load_average_end']} "
         "(the machine was shared; see per-configuration loads in the JSON).",
+        f"- Command: `{wl['command']}`.",
         f"- Versions: salmon {env['salmon']} (git {env['git']}), torch {env['torch']}, "
         f"transformers {env['transformers']}, Python {env['python']}.",
         f"- Workload: B={wl['prompts']} prompts × G={wl['generations']} responses × R={wl['rounds']} timed rounds "
@@ -716,7 +717,8 @@ def main(argv: list[str]) -> int:
                "min_response_tokens": args.min_response_tokens, "max_response_tokens": args.max_response_tokens,
                "mean_response_tokens": statistics.fmean(resp_tokens), "seed": args.seed,
                "max_batch_tokens": args.max_batch_tokens, "baseline_batch_size": args.baseline_batch_size,
-               "dtype": args.dtype, "device": args.device, "threads": args.threads}
+               "dtype": args.dtype, "device": args.device, "threads": args.threads,
+               "command": "salmon " + " ".join(argv)}
     print(f"salmon bench: {args.prompts}×{args.generations} items × {args.rounds} rounds, principle block "
           f"{block_tokens} tokens ({len(principles)} principles), load {env['load_average']}", file=sys.stderr)
     results: dict[str, dict] = {}

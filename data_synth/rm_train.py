@@ -14,8 +14,10 @@ should reverse); reward mean/std over the training inputs (the service normalise
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -201,7 +203,9 @@ def train_reward_model(train_path: str | Path, eval_path: str | Path | None, cfg
         trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tok,
                                 peft_config=peft_config)
         t_train = time.monotonic()
-        train_out = trainer.train()
+        # The trainer prints its log dicts to stdout; the CLI's stdout is the JSON result, so divert them.
+        with contextlib.redirect_stdout(sys.stderr):
+            train_out = trainer.train()
         train_s = time.monotonic() - t_train
         model = trainer.model
         pad_id = tok.pad_token_id

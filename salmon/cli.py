@@ -58,4 +58,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run through the imported module: `python -m salmon.cli` would otherwise define a second
+    # CLIError class (in __main__) that the subcommands' raises would not match.
+    from salmon.cli import main as _main
+
+    sys.exit(_main())

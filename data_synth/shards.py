@@ -20,7 +20,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from salmon.atomic import atomic_write_json, atomic_write_text, jsonl_dumps, read_jsonl
+from salmon.atomic import atomic_write_json, atomic_write_text, file_sha256, jsonl_dumps, read_jsonl
 from salmon.cli import CLIError
 
 MANIFEST = "manifest.json"
@@ -33,14 +33,6 @@ def stable_hash(obj: Any, n: int = 16) -> str:
     """Hash of JSON-able data, independent of dict order (used for fingerprints and data hashes)."""
     blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:n]
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def derive_seed(*parts: Any) -> int:

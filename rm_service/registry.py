@@ -17,7 +17,6 @@ serving garbage. Paths are confined to the registry root (version names are vali
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -28,7 +27,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from salmon.atomic import atomic_write_json, atomic_write_text, fsync_dir
+from salmon.atomic import atomic_write_json, atomic_write_text, file_sha256, fsync_dir
 
 VERSION_RE = re.compile(r"^v\d{4,}$")
 MANIFEST = "manifest.json"
@@ -54,14 +53,6 @@ class Manifest(BaseModel):
     eval_metrics: dict[str, Any] = Field(default_factory=dict)
     created_at: float = Field(default_factory=time.time)
     files: dict[str, str] = Field(default_factory=dict, description="relative path -> sha256")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class Registry:
@@ -108,7 +99,7 @@ class Registry:
                     raise RegistryError(f"{mpath}: file {rel!r} points outside the version directory")
                 if not f.is_file():
                     raise RegistryError(f"version {version}: file {rel} listed in the manifest is missing")
-                if _sha256(f) != digest:
+                if file_sha256(f) != digest:
                     raise RegistryError(f"version {version}: file {rel} is corrupt (sha256 differs from the manifest)")
             for f in vdir.rglob("*"):
                 if f.suffix in {".bin", ".pt", ".pth", ".pkl", ".pickle"}:
@@ -140,7 +131,7 @@ class Registry:
                 if f.is_file() and f.name != MANIFEST:
                     with open(f, "rb") as fh:
                         os.fsync(fh.fileno())
-                    files[str(f.relative_to(staging))] = _sha256(f)
+                    files[str(f.relative_to(staging))] = file_sha256(f)
             m = Manifest.model_validate({**manifest, "version": version, "files": files})
             atomic_write_json(staging / MANIFEST, m.model_dump(mode="json"))
             for d in [staging, *[p for p in staging.rglob("*") if p.is_dir()]]:

@@ -34,10 +34,11 @@ import torch
 from transformers import DynamicCache
 
 from principles.schema import Principle, PrincipleSet, load_principle_set
+from salmon.atomic import file_sha256
 from salmon.cli import CLIError
 
 from .config import JudgeConfig
-from .shards import ShardedStage, counters_total, file_sha256, stable_hash, write_summary
+from .shards import ShardedStage, counters_total, stable_hash, write_summary
 
 JUDGE_FORMAT_VERSION = "salmon-judge-v1"
 JUDGE_INTRO = ("You are a careful reviewer. Read the user's instruction and two candidate outputs, "

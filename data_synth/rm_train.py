@@ -28,11 +28,11 @@ from typing import Any
 import torch
 
 from principles.schema import Principle
-from salmon.atomic import JsonlError, read_jsonl
+from salmon.atomic import JsonlError, file_sha256, read_jsonl
 from salmon.cli import CLIError
 
 from .config import TrainConfig
-from .shards import file_sha256, stable_hash
+from .shards import stable_hash
 
 log = logging.getLogger(__name__)
 

@@ -119,11 +119,13 @@ def test_ppo_raises_mean_reward_on_the_embedded_policy(tmp_path):
         cfg = RunConfig.model_validate(tiny_run_config(
             tmp_path, "embedded", server.url, algorithm="ppo",
             policy={"model": "embedded", "lora": {"r": 8, "alpha": 16}},
-            training={"max_steps": 12, "seed": 1, "per_device_train_batch_size": 8, "num_generations": 4,
-                      "max_completion_length": 16, "learning_rate": 5e-4, "temperature": 1.0},
+            training={"max_steps": 10, "seed": 1, "per_device_train_batch_size": 8, "num_generations": 4,
+                      "max_completion_length": 12, "learning_rate": 5e-4, "temperature": 1.0},
+            # 2 updates per step instead of 8: a 135M-parameter step on one CPU thread is ~10x the tiny one
+            ppo={"ppo_epochs": 2, "num_minibatches": 1},
             output={"save_steps": 100, "rollouts_dir": None, "report": False}))
         result = run_training(cfg)
     rewards = [h["reward"] for h in result.log_history]
     first, last = mean(rewards[:3]), mean(rewards[-3:])
     print(f"words={words} init rate={rate:.3f} rewards={[round(r, 2) for r in rewards]}")
-    assert last > first + 0.3 and last > 1.3 * first, rewards
+    assert last > first + 0.25 and last > 1.3 * first, rewards  # measured (seed 1): 0.54 -> 0.88

@@ -1,4 +1,5 @@
-"""RL on TRL (GRPO, RLOO) with rewards from the principle-following reward service over HTTP.
+"""RL with rewards from the principle-following reward service over HTTP: TRL's GRPO and RLOO, and
+our own PPO with a value model (ppo.py; TRL no longer ships one).
 
 Public API (imported lazily, so `salmon train --help` does not load torch)::
 
@@ -9,9 +10,9 @@ Public API (imported lazily, so `salmon train --help` does not load torch)::
 ``run_training`` raises ``salmon.cli.CLIError`` for bad input and ``TrainingAborted`` (with
 ``.checkpoint``) when the reward service stays unreachable past the retry budget.
 
-Parts, reusable by other algorithms (PPO): config, rm_client (the one HTTP client),
-principles_select (RL-time selection + set timeline), shaping, rewards (TRL reward callables),
-rollouts (shards for on-policy RM retraining), report; grpo/rloo hold only the TRL wiring.
+Parts shared by all three algorithms: config, rm_client (the one HTTP client), principles_select
+(RL-time selection + set timeline), shaping, rewards (reward callables), rollouts (shards for
+on-policy RM retraining), report; grpo/rloo hold only the TRL wiring, ppo/ppo_math our PPO.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ import ipaddress
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ScorerKind = Literal["auto", "contrastive", "probe", "trained", "rule"]
@@ -68,6 +68,12 @@ class ServiceSettings(BaseSettings):
     api_key: SecretStr | None = Field(default=None, description="Bearer key for everything but health (SALMON_API_KEY).")
     admin_key: SecretStr | None = Field(default=None, description="Bearer key for set writes and reload (SALMON_ADMIN_KEY).")
     insecure: bool = Field(default=False, description="Allow a non-loopback bind without an API key.")
+
+    @field_validator("api_key", "admin_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, v):
+        # SALMON_API_KEY= (set but empty) means "no key", not "the empty string is the key".
+        return None if v is None or (isinstance(v, str) and not v.strip()) else v
 
     @model_validator(mode="after")
     def _consistent(self) -> ServiceSettings:

@@ -33,10 +33,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="salmon demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", help="run directory (default runs/demo-<timestamp>)")
     p.add_argument("--model", default="embedded", help="policy, judge and reward-model backbone")
-    p.add_argument("--prompts", type=int, default=24, help="prompts for the synthetic preferences")
+    p.add_argument("--prompts", type=int, default=16, help="prompts for the synthetic preferences")
     p.add_argument("--principle-set", default="concise", help="principle set for the RL run")
     p.add_argument("--algorithm", choices=["grpo", "rloo", "ppo"], default="grpo")
-    p.add_argument("--steps", type=int, default=12, help="RL optimizer steps")
+    p.add_argument("--steps", type=int, default=10, help="RL optimizer steps")
     p.add_argument("--generations", type=int, default=4, help="completions per prompt in RL")
     p.add_argument("--max-completion-length", type=int, default=48)
     p.add_argument("--port", type=int, default=0, help="service port (0: a free one)")
@@ -50,8 +50,9 @@ def start_service(run_dir: Path, registry: Path, model: str, port: int) -> tuple
     log = open(run_dir / "service.log", "ab")
     cmd = [sys.executable, "-m", "salmon.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
            "--registry", str(registry), "--model", model, "--scorer", "auto", "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "SALMON_API_KEY": "",
-                                                                             "SALMON_ADMIN_KEY": ""})
+    # The demo's service is private to this run on loopback: keys from the caller's shell do not apply.
+    env = {k: v for k, v in os.environ.items() if k not in {"SALMON_API_KEY", "SALMON_ADMIN_KEY"}}
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
@@ -123,11 +124,9 @@ def main(argv: list[str]) -> int:
         from data_synth.pipeline import run_pipeline
 
         t = time.monotonic()
-        synth_cfg = SynthConfig.model_validate({
-            "num_prompts": args.prompts, "out": str(run_dir / "synth"),
-            "sample": {"policy": args.model}, "judge": {"model": args.model},
-            "train": {"base_model": args.model, "registry": str(registry)},
-        })
+        synth_cfg = SynthConfig(num_prompts=args.prompts, out=run_dir / "synth")  # the run's own defaults
+        synth_cfg.sample.policy = synth_cfg.judge.model = args.model
+        synth_cfg.train.base_model, synth_cfg.train.registry = args.model, registry
         synth = run_pipeline(synth_cfg)
         timings["synth_and_rm_train_s"] = round(time.monotonic() - t, 1)
         version = synth["train"]["version"]

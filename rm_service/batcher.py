@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from rm_service.errors import Overloaded
 from rm_service.metrics import Metrics
-from rm_service.scorers import Prepared
+from rm_service.scorers import Prepared, combine_values
 
 log = logging.getLogger(__name__)
 
@@ -150,14 +150,12 @@ class Batcher:
             m.tokens.inc(ntok)
             m.cached_tokens.inc(sum(cached))
             m.tokens_per_second.set(ntok / dt)
-            i = 0
+            scores = combine_values(items, values)
+            item_i = seq_i = 0
             for j in jobs:
-                scores, tok, cach = [], 0, 0
-                for p in j.items:
-                    n = len(p.seqs)
-                    scores.append(float(p.combine(values[i:i + n])))
-                    tok += p.tokens
-                    cach += sum(cached[i:i + n])
-                    i += n
+                n_items, n_seqs = len(j.items), sum(len(p.seqs) for p in j.items)
+                result = JobResult(scores[item_i:item_i + n_items], sum(p.tokens for p in j.items),
+                                   sum(cached[seq_i:seq_i + n_seqs]))
+                item_i, seq_i = item_i + n_items, seq_i + n_seqs
                 if not j.future.done():
-                    j.future.set_result(JobResult(scores, tok, cach))
+                    j.future.set_result(result)

@@ -113,12 +113,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="whole_set: 2 sequences per item (default); per_principle: k+1")
     p.add_argument("--prompts", "-B", type=int, default=4, help="prompts per round (B; concurrent requests)")
     p.add_argument("--generations", "-G", type=int, default=8, help="responses per prompt (G; items per request)")
-    p.add_argument("--rounds", "-R", type=int, default=3, help="timed rounds (training steps)")
+    p.add_argument("--rounds", "-R", type=int, default=1,
+                   help="timed rounds (training steps); 1 keeps the default run within 10 min on a 2-core CPU")
     p.add_argument("--prefix-tokens", type=int, default=600, help="target length of the principle block, in tokens")
     p.add_argument("--min-response-tokens", type=int, default=64)
     p.add_argument("--max-response-tokens", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-batch-tokens", type=int, default=4096, help="the service's padded-token budget per forward")
+    p.add_argument("--max-padding", type=float, default=0.25,
+                   help="the service's pad share before a length-sorted batch is split (also used by (1))")
     p.add_argument("--baseline-batch-size", type=int, default=0,
                    help="sequences per forward in the baseline (serve_rm's --batch_size); 0: the whole request")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -205,7 +208,10 @@ def build_workload(tokenizer, args) -> dict:
         lens = [rng.randint(args.min_response_tokens, args.max_response_tokens) for _ in range(args.generations)]
         return [prompt, [_response(tokenizer, rng, n) for n in lens]]
 
-    warmup = [group(prompts[0])]  # one request of the same shape: allocator, kernels, the principle block
+    # One short item: it loads the kernels and (in (1) and (2)) the principle block, as the first step
+    # of a run does. A whole group here would cost the full-sequence configurations ~1 min each and
+    # measure nothing.
+    warmup = [[prompts[0], [_response(tokenizer, rng, args.min_response_tokens)]]]
     rounds = [[group(prompts[1 + r * args.prompts + b]) for b in range(args.prompts)] for r in range(args.rounds)]
     return {"warmup": warmup, "rounds": rounds}
 
@@ -351,6 +357,7 @@ def _load_scorer(spec: dict):
 
     return load_zero_shot(spec["scorer"], spec["model"], ModelOptions(dtype=spec["dtype"], device=spec["device"]),
                           contrast=spec["contrast"], max_batch_tokens=spec["max_batch_tokens"],
+                          max_padding=spec["max_padding"],
                           max_response_tokens=max(1024, spec["max_response_tokens"] + 16), prefix_cache=None)
 
 
@@ -370,6 +377,8 @@ def _worker(config: str, spec_path: str) -> int:
     principles = list(load_principle_set(spec["set_path"]).principles)
     wl = spec["workload"]
     if config == "limit":
+        from rm_service.scorers import combine_values
+
         scorer = _load_scorer(spec)
         block_kv: dict = {}
         warm = [scorer.prepare(principles, p, r) for p, r in _items(wl["warmup"])]
@@ -381,10 +390,7 @@ def _worker(config: str, spec_path: str) -> int:
         values, ran = limit_logprobs(scorer, seqs, block_kv)
         _sync(scorer.device)
         wall = time.perf_counter() - t0
-        scores, i = [], 0
-        for p in timed:
-            scores.append(float(p.combine(values[i:i + len(p.seqs)])))
-            i += len(p.seqs)
+        scores = combine_values(timed, values)
         kv_bytes = sum(k.nbytes + v.nbytes for kv, _, _ in block_kv.values() for k, v in kv)
         _emit({"event": "result", "wall_s": wall, "scores": scores, "tokens": sum(len(s) for s in seqs),
                "unique_tokens": ran, "sequences": len(seqs), "block_kv_bytes": kv_bytes,
@@ -396,7 +402,8 @@ def _worker(config: str, spec_path: str) -> int:
 
     settings = ServiceSettings(
         port=0, scorer=spec["scorer"], model=spec["model"], contrast=spec["contrast"],
-        prefix_cache=config == "service", max_batch_tokens=spec["max_batch_tokens"], dtype=spec["dtype"],
+        prefix_cache=config == "service", max_batch_tokens=spec["max_batch_tokens"],
+        max_padding=spec["max_padding"], dtype=spec["dtype"],
         device=spec["device"], num_threads=spec.get("threads"), principle_sets_dir=Path(spec["set_path"]).parent,
         default_principle_set=SET_NAME, max_response_tokens=max(1024, spec["max_response_tokens"] + 16),
         request_timeout_s=spec["timeout_s"], max_items=max(256, spec["generations"]))
@@ -656,9 +663,10 @@ def markdown(report: dict) -> str:
         f"- Versions: salmon {env['salmon']} (git {env['git']}), torch {env['torch']}, "
         f"transformers {env['transformers']}, Python {env['python']}.",
         f"- Workload: B={wl['prompts']} prompts × G={wl['generations']} responses × R={wl['rounds']} timed rounds "
-        f"(+1 warm-up request), principle block {wl['prefix_tokens_actual']} tokens ({wl['num_principles']} "
+        f"(+1 warm-up item), principle block {wl['prefix_tokens_actual']} tokens ({wl['num_principles']} "
         f"principles), responses {wl['min_response_tokens']}–{wl['max_response_tokens']} tokens "
-        f"(mean {wl['mean_response_tokens']:.0f}), seed {wl['seed']}, max_batch_tokens {wl['max_batch_tokens']}; "
+        f"(mean {wl['mean_response_tokens']:.0f}), seed {wl['seed']}, max_batch_tokens {wl['max_batch_tokens']}, "
+        f"max_padding {wl.get('max_padding', '–')}; "
         f"{s['tokens']:,} full-sequence tokens scored per configuration"
         + (f", {s['configurations']['limit']['unique_tokens']:,} unique" if "limit" in s["configurations"] else "")
         + ".",
@@ -716,8 +724,8 @@ def main(argv: list[str]) -> int:
                "prefix_tokens_actual": block_tokens, "num_principles": len(principles),
                "min_response_tokens": args.min_response_tokens, "max_response_tokens": args.max_response_tokens,
                "mean_response_tokens": statistics.fmean(resp_tokens), "seed": args.seed,
-               "max_batch_tokens": args.max_batch_tokens, "baseline_batch_size": args.baseline_batch_size,
-               "dtype": args.dtype, "device": args.device, "threads": args.threads,
+               "max_batch_tokens": args.max_batch_tokens, "max_padding": args.max_padding,
+               "baseline_batch_size": args.baseline_batch_size, "dtype": args.dtype, "device": args.device, "threads": args.threads,
                "command": "salmon " + " ".join(argv)}
     print(f"salmon bench: {args.prompts}×{args.generations} items × {args.rounds} rounds, principle block "
           f"{block_tokens} tokens ({len(principles)} principles), load {env['load_average']}", file=sys.stderr)
@@ -734,6 +742,7 @@ def main(argv: list[str]) -> int:
             "principles": [pr.model_dump(mode="json", exclude_defaults=True) for pr in principles]}, sort_keys=False))
         spec = {"model": args.model, "scorer": args.scorer, "contrast": args.contrast, "dtype": args.dtype,
                 "device": args.device, "threads": args.threads, "max_batch_tokens": args.max_batch_tokens,
+                "max_padding": args.max_padding,
                 "max_response_tokens": args.max_response_tokens, "generations": args.generations,
                 "baseline_batch_size": args.baseline_batch_size, "timeout_s": args.timeout_s,
                 "set_path": str(set_path), "workload": workload}

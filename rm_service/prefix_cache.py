@@ -10,8 +10,13 @@ block (hundreds of tokens). Full-sequence scoring recomputes both for every resp
 3. the responses of a group run as one batch of right-padded suffixes against the expanded
    prefix cache, with explicit position ids and an attention mask covering prefix + suffix.
 
-Each entry stores the per-layer keys/values and the hidden state of the prefix's last token (it
-predicts the first response token). Values equal the no-cache path within fp tolerance
+Each entry stores the per-layer keys/values of ITS OWN tokens and the hidden state of the prefix's
+last token (it predicts the first response token). A prompt entry points at its principle-block
+entry instead of holding a copy of the block: with a 621-token block (~29 MB of fp32 KV on the
+embedded model) a prompt entry costs only its prompt's few hundred KB, so the byte bound holds
+hundreds of prompts rather than a dozen. A block is never evicted while an entry built on it is
+cached (hits touch both; evicting a block takes its dependents with it), so the bytes counted are
+the bytes held. Values equal the no-cache path within fp tolerance
 (tests/rm_service/test_prefix_cache.py). Entries are keyed by model version; a reload retires the
 old version's entries. ``enabled=False`` (setting ``prefix_cache: false``) turns it off.
 """
@@ -33,10 +38,19 @@ if TYPE_CHECKING:
 
 @dataclass
 class PrefixEntry:
-    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer, [1, kv_heads, length, head_dim]
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer, [1, kv_heads, own tokens, head_dim]
     last_hidden: torch.Tensor  # [hidden]
-    length: int
-    nbytes: int
+    length: int  # tokens of the whole prefix: the parent's and its own
+    nbytes: int  # own tensors only
+    parent: PrefixEntry | None = None
+    parent_key: tuple[str, str] | None = None
+
+    def full_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-layer keys/values of the whole prefix (a fresh tensor when there is a parent)."""
+        if self.parent is None:
+            return self.kv
+        return [(torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2))
+                for (pk, pv), (k, v) in zip(self.parent.full_kv(), self.kv, strict=True)]
 
 
 def _key(version: str, ids: tuple[int, ...]) -> tuple[str, str]:
@@ -49,6 +63,7 @@ class PrefixCache:
         self.max_bytes = max_bytes
         self.enabled = enabled and max_bytes > 0
         self._entries: OrderedDict[tuple[str, str], PrefixEntry] = OrderedDict()
+        self._children: dict[tuple[str, str], set[tuple[str, str]]] = defaultdict(set)
         self._bytes = 0
         self._lock = threading.Lock()
         self.hits = 0
@@ -57,10 +72,13 @@ class PrefixCache:
 
     # -- LRU --------------------------------------------------------------------------------
     def get(self, version: str, ids: tuple[int, ...]) -> PrefixEntry | None:
+        k = _key(version, ids)
         with self._lock:
-            e = self._entries.get(_key(version, ids))
+            e = self._entries.get(k)
             if e is not None:
-                self._entries.move_to_end(_key(version, ids))
+                self._entries.move_to_end(k)
+                if e.parent_key in self._entries:  # the block stays at least as recent as its users
+                    self._entries.move_to_end(e.parent_key)
                 self.hits += 1
             else:
                 self.misses += 1
@@ -73,19 +91,28 @@ class PrefixCache:
             k = _key(version, ids)
             if k in self._entries:
                 return
+            if entry.parent_key is not None and entry.parent_key not in self._entries:
+                return  # its block was not kept (or just evicted): its bytes would go uncounted
             self._entries[k] = entry
             self._bytes += entry.nbytes
+            if entry.parent_key is not None:
+                self._children[entry.parent_key].add(k)
             while self._bytes > self.max_bytes and self._entries:
-                _, old = self._entries.popitem(last=False)
-                self._bytes -= old.nbytes
-                self.evictions += 1
+                self.evictions += self._evict(next(iter(self._entries)))
+
+    def _evict(self, k: tuple[str, str]) -> int:
+        """Drop ``k`` and every entry built on it; returns how many went. Holds the lock."""
+        e = self._entries.pop(k, None)
+        if e is None:
+            return 0
+        self._bytes -= e.nbytes
+        if e.parent_key is not None:
+            self._children.get(e.parent_key, set()).discard(k)
+        return 1 + sum(self._evict(c) for c in self._children.pop(k, set()))
 
     def invalidate(self, version: str) -> int:
         with self._lock:
-            doomed = [k for k in self._entries if k[0] == version]
-            for k in doomed:
-                self._bytes -= self._entries.pop(k).nbytes
-            return len(doomed)
+            return sum(self._evict(k) for k in [k for k in self._entries if k[0] == version])
 
     def stats(self) -> dict:
         with self._lock:
@@ -94,22 +121,26 @@ class PrefixCache:
                     "evictions": self.evictions}
 
     # -- compute ----------------------------------------------------------------------------
-    def _extend(self, scorer: CausalLMScorer, base: PrefixEntry | None, ids: tuple[int, ...]) -> PrefixEntry:
-        """Run ``ids`` (batch 1) after ``base`` and return the combined prefix entry."""
+    def _extend(self, scorer: CausalLMScorer, base: PrefixEntry | None, ids: tuple[int, ...],
+                base_key: tuple[str, str] | None = None) -> PrefixEntry:
+        """Run ``ids`` (batch 1) after ``base``; the entry keeps only the new tokens' keys/values."""
         from transformers import DynamicCache
 
         decoder = scorer._decoder()
         start = base.length if base else 0
         device = scorer.device
         x = torch.tensor([ids], dtype=torch.long, device=device)
-        cache = DynamicCache(ddp_cache_data=base.kv if base else None, config=scorer.model.config)
+        cache = DynamicCache(ddp_cache_data=base.full_kv() if base else None, config=scorer.model.config)
         mask = torch.ones((1, start + len(ids)), dtype=torch.long, device=device)
         pos = torch.arange(start, start + len(ids), device=device)[None]
         out = decoder(input_ids=x, attention_mask=mask, position_ids=pos, past_key_values=cache,
                       use_cache=True)
-        kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-        nbytes = sum(k.nbytes + v.nbytes for k, v in kv) + out.last_hidden_state[0, -1].nbytes
-        return PrefixEntry(kv, out.last_hidden_state[0, -1].clone(), start + len(ids), nbytes)
+        # A slice is a view of the whole [base + new] tensor; clone so the entry holds only its own part.
+        kv = [(layer.keys[:, :, start:].clone(), layer.values[:, :, start:].clone())
+              for layer in out.past_key_values.layers]
+        last = out.last_hidden_state[0, -1].clone()
+        nbytes = sum(k.nbytes + v.nbytes for k, v in kv) + last.nbytes
+        return PrefixEntry(kv, last, start + len(ids), nbytes, parent=base, parent_key=base_key)
 
     def _prefix(self, scorer: CausalLMScorer, system: tuple[int, ...], prompt: tuple[int, ...]
                 ) -> tuple[PrefixEntry, int]:
@@ -123,7 +154,7 @@ class PrefixCache:
         if sys_entry is None:
             sys_entry = self._extend(scorer, None, system)
             self.put(v, system, sys_entry)
-        entry = self._extend(scorer, sys_entry, prompt) if prompt else sys_entry
+        entry = self._extend(scorer, sys_entry, prompt, _key(v, system)) if prompt else sys_entry
         self.put(v, system + prompt, entry)
         return entry, cached
 
@@ -144,6 +175,7 @@ class PrefixCache:
             # Within a group only the first sequence pays for the prefix; the rest reuse it.
             for n, i in enumerate(idx):
                 cached[i] = hit if n == 0 else entry.length
+            prefix_kv = entry.full_kv()
             first_logits = scorer._lm_head(entry.last_hidden[None])
             first_lp = torch.log_softmax(first_logits, dim=-1)[0]
             order = sorted(idx, key=lambda i: -len(seqs[i].response_ids))
@@ -152,7 +184,7 @@ class PrefixCache:
                 rows = [list(seqs[i].response_ids) for i in chunk]
                 ids, smask = scorer._pad(rows)
                 b, w = ids.shape
-                kv = [(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in entry.kv]
+                kv = [(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in prefix_kv]
                 cache = DynamicCache(ddp_cache_data=kv, config=scorer.model.config)
                 mask = torch.cat([torch.ones((b, entry.length), dtype=torch.long, device=device), smask], 1)
                 pos = torch.arange(entry.length, entry.length + w, device=device)[None].expand(b, -1)

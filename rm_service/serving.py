@@ -162,7 +162,7 @@ class ModelManager:
 
     def _common(self) -> dict:
         s = self.settings
-        return dict(max_batch_tokens=s.max_batch_tokens, max_prompt_tokens=s.max_prompt_tokens,
+        return dict(max_batch_tokens=s.max_batch_tokens, max_padding=s.max_padding, max_prompt_tokens=s.max_prompt_tokens,
                     max_response_tokens=s.max_response_tokens, prefix_cache=self.prefix_cache)
 
     def build(self, version: str | None = None) -> Scorer:
@@ -282,10 +282,9 @@ class ScoreService:
                 item = InlinePrinciple(name=f"p{i + 1}", definition=p) if isinstance(p, str) else p
                 plist.append(item.model_dump())
             try:
-                s = parse_principle_set({"name": "inline", "principles": plist}, where="principles")
+                s = parse_principle_set({"name": "inline", "principles": plist}, where="inline principles")
             except PrincipleSetError as e:
-                raise InvalidRequest(str(e).replace("principles: field 'principles.", "field 'principles."),
-                                     param="principles") from None
+                raise InvalidRequest(str(e), param="principles") from None
         else:
             s = self.sets.resolve(req.principle_set)
         return list(s.principles), s.hash, s.ref

@@ -50,6 +50,10 @@ class ServiceSettings(BaseSettings):
 
     # -- batching and limits -------------------------------------------------------------------
     max_batch_tokens: int = Field(default=4096, ge=64, description="Padded tokens per forward pass.")
+    max_padding: float = Field(
+        default=0.25, ge=0,
+        description="Split a length-sorted batch before its pad tokens exceed this share of its real tokens. "
+        "Pads cost real FLOPs on a compute-bound CPU; on a GPU, where fewer larger batches win, raise it (e.g. 1.0).")
     max_queue_items: int = Field(default=1024, ge=1, description="Items waiting to be scored; beyond → 429.")
     batch_wait_ms: float = Field(default=2.0, ge=0, description="How long the worker waits to fill a batch.")
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)

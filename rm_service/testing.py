@@ -24,13 +24,16 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class ServerThread:
-    def __init__(self, settings: ServiceSettings, app=None):
+    def __init__(self, settings: ServiceSettings, app=None, shutdown_timeout_s: float = 5.0):
+        """``app``: serve this ASGI app instead of the service built from ``settings`` (test doubles,
+        recorders); ``shutdown_timeout_s``: how long stop() lets in-flight requests finish."""
         if not settings.is_loopback:
             raise ValueError("ServerThread binds loopback addresses only")
         if settings.port == 0:
             settings = settings.model_copy(update={"port": free_port(settings.host)})
         self.settings = settings
         self._app = app
+        self.shutdown_timeout_s = shutdown_timeout_s
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -45,7 +48,7 @@ class ServerThread:
 
             app = create_app(self.settings)
         config = uvicorn.Config(app, host=self.settings.host, port=self.settings.port, log_level="warning",
-                                lifespan="on", timeout_graceful_shutdown=5)
+                                lifespan="on", timeout_graceful_shutdown=self.shutdown_timeout_s)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="salmon-test-server", daemon=True)
         self._thread.start()

@@ -2,65 +2,23 @@
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-import uvicorn
 from pt_fakes import Faults, Recorder, contract_app
+
+from rm_service.settings import ServiceSettings
+from rm_service.testing import ServerThread, free_port  # noqa: F401  (free_port: used by the tests)
 
 RULE_PATTERN = r"[aeiou]"
 RULE_PENALTY = 0.01
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LoopbackServer:
-    """uvicorn in a thread on 127.0.0.1; ``stop()`` then ``start()`` comes back on the SAME port.
-
-    (rm_service.testing.ServerThread does the same for the real service; this one serves any ASGI app
-    and does not need rm_service.app, so the trainer's tests run while the service is being built.)
-    """
-
-    def __init__(self, app: Any, port: int | None = None):
-        self.app = app
-        self.port = port or free_port()
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout_s: float = 30.0) -> LoopbackServer:
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
-                                lifespan="off", timeout_graceful_shutdown=1)
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                time.sleep(0.05)
-        raise TimeoutError(f"{self.url} not ready")
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        self._server = self._thread = None
+def loopback_server(app: Any) -> ServerThread:
+    """A started uvicorn thread on 127.0.0.1 serving ``app``; stop() then start() comes back on the same
+    port. A short graceful shutdown so that "the service goes away" happens at once."""
+    return ServerThread(ServiceSettings(port=0), app=app, shutdown_timeout_s=1).start()
 
 
 class Service:
@@ -84,36 +42,16 @@ def make_service(kind: str, max_items: int = 256) -> Service:
     if kind == "fake":
         faults = Faults()
         rec = Recorder(contract_app(pattern=RULE_PATTERN, penalty=RULE_PENALTY, max_items=max_items, faults=faults))
-        return Service(kind, LoopbackServer(rec).start(), rec, faults)
+        return Service(kind, loopback_server(rec), rec, faults)
     from rm_service.app import create_app
-    from rm_service.settings import ServiceSettings
-    from rm_service.testing import ServerThread
 
     settings = ServiceSettings(port=0, scorer="rule", rule_pattern=RULE_PATTERN, rule_length_penalty=RULE_PENALTY,
                                default_principle_set="concise", max_items=max_items)
-    holder: dict[str, Recorder] = {}
-
-    class _Thread(ServerThread):
-        def start(self, timeout_s: float = 180.0):  # the same recorder across restarts
-            self._app = holder["rec"] = holder.get("rec") or Recorder(create_app(self.settings))
-            return super().start(timeout_s)
-
-    server = _Thread(settings).start()
-    return Service(kind, server, holder["rec"], None)
+    rec = Recorder(create_app(settings))  # one app, so what it recorded survives stop()/start()
+    return Service(kind, ServerThread(settings, app=rec).start(), rec, None)
 
 
-def _real_service_importable() -> bool:
-    try:
-        import rm_service.app  # noqa: F401
-        import rm_service.testing  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-REAL_AVAILABLE = _real_service_importable()
-SERVICE_KINDS = ["fake", pytest.param("real", marks=pytest.mark.skipif(
-    not REAL_AVAILABLE, reason="rm_service.app is not importable here"))]
+SERVICE_KINDS = ["fake", "real"]
 
 
 @pytest.fixture(autouse=True)

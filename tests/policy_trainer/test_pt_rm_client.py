@@ -220,11 +220,11 @@ def test_openrlhf_get_reward_protocol(fake_service):
 
 
 def test_bearer_keys_are_sent(fake_service):
-    from conftest import LoopbackServer
+    from conftest import loopback_server
     from pt_fakes import Recorder, contract_app
 
     rec = Recorder(contract_app(api_key="user-k", admin_key="admin-k"))
-    srv = LoopbackServer(rec).start()
+    srv = loopback_server(rec)
     try:
         good = client_for(srv.url, api_key="user-k", admin_key="admin-k")
         run(good.register_set(load_principle_set("concise")))

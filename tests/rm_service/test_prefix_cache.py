@@ -46,13 +46,15 @@ def test_scores_are_the_same_with_and_without_cache(scorer, tiny_model_dir):
 
 
 def test_lru_is_bounded_by_bytes_and_invalidates_by_version(scorer):
-    small = PrefixCache(max_bytes=300_000)
     seqs = _seqs(scorer)
-    small.response_logprobs(scorer, seqs)
-    st = small.stats()
-    assert st["bytes"] <= 300_000 and st["evictions"] > 0
     big = PrefixCache(max_bytes=64 * 1024 * 1024)
     big.response_logprobs(scorer, seqs)
+    everything = big.stats()["bytes"]
+    small = PrefixCache(max_bytes=everything // 2)
+    small.response_logprobs(scorer, seqs)
+    st = small.stats()
+    assert st["bytes"] <= everything // 2 and st["evictions"] > 0
+    _consistent(small)
     entries = big.stats()["entries"]
     assert entries > 0
     assert big.invalidate("some-other-version") == 0 and big.stats()["entries"] == entries
@@ -65,3 +67,64 @@ def test_disabled_cache_is_not_used(tiny_model_dir):
     seqs = off.prepare(PRINCIPLES, PROMPTS[0], RESPONSES[0]).seqs
     values, cached = off.compute(seqs)
     assert cached == [0] * len(seqs) and off.prefix_cache.stats()["entries"] == 0
+
+
+def _consistent(cache: PrefixCache) -> None:
+    """The bytes counted are the bytes held: no cached entry leans on a block that is gone."""
+    entries = dict(cache._entries)
+    assert cache.stats()["bytes"] == sum(e.nbytes for e in entries.values())
+    for e in entries.values():
+        assert e.parent_key is None or e.parent_key in entries
+
+
+def test_prompt_entries_hold_only_their_own_tokens(scorer):
+    cache = PrefixCache(64 * 1024 * 1024)
+    cache.response_logprobs(scorer, _seqs(scorer))
+    entries = list(cache._entries.values())
+    blocks = [e for e in entries if e.parent is None]
+    prompts = [e for e in entries if e.parent is not None]
+    assert blocks and prompts
+    for e in prompts:
+        own = e.length - e.parent.length
+        assert all(k.shape[2] == own and v.shape[2] == own for k, v in e.kv)
+        assert all(k.shape[2] == e.length for k, _ in e.full_kv())
+    _consistent(cache)
+
+
+def test_a_tight_bound_never_leaves_a_prompt_without_its_block(scorer):
+    seqs = _seqs(scorer)
+    probe = PrefixCache(64 * 1024 * 1024)
+    probe.response_logprobs(scorer, seqs)
+    block = max(e.nbytes for e in probe._entries.values() if e.parent is None)
+    prompt = max(e.nbytes for e in probe._entries.values() if e.parent is not None)
+    # Room for one block and a couple of prompts: the second block must push out the first one's prompts.
+    tight = PrefixCache(max_bytes=block + 2 * prompt)
+    full = scorer.full_response_logprobs(seqs)
+    values, _ = tight.response_logprobs(scorer, seqs)
+    assert values == pytest.approx(full, rel=1e-4, abs=1e-3)
+    assert tight.stats()["evictions"] > 0 and tight.stats()["bytes"] <= tight.max_bytes
+    _consistent(tight)
+
+
+def test_batches_split_by_budget_and_by_padding(scorer):
+    lengths = [256, 240, 200, 170, 130, 100, 80, 64]
+    order = list(range(len(lengths)))
+    old = scorer.max_batch_tokens, scorer.max_padding
+    try:
+        scorer.max_batch_tokens, scorer.max_padding = 4096, 0.25
+        chunks = scorer._chunks(order, lengths)
+        assert sorted(i for c in chunks for i in c) == order
+        for c in chunks:
+            padded, real = lengths[c[0]] * len(c), sum(lengths[i] for i in c)
+            assert padded <= 4096 and (len(c) == 1 or padded <= 1.25 * real)
+        assert len(chunks) > 1
+        scorer.max_padding = float("inf")  # only the token budget splits
+        assert scorer._chunks(order, lengths) == [order]
+        scorer.max_batch_tokens = 512
+        assert all(lengths[c[0]] * len(c) <= 512 or len(c) == 1 for c in scorer._chunks(order, lengths))
+    finally:
+        scorer.max_batch_tokens, scorer.max_padding = old
+    # Splitting changes how sequences are batched, never their values.
+    seqs = _seqs(scorer)
+    plain = load_zero_shot("contrastive", scorer.base_model, max_batch_tokens=512, max_padding=float("inf"))
+    assert scorer.full_response_logprobs(seqs) == pytest.approx(plain.full_response_logprobs(seqs), rel=1e-4, abs=1e-3)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -89,11 +90,37 @@ def dominant_label(scores: dict[str, float | None], draw: Sequence[tuple[Princip
     return (1 if s > 0 else -1), name, s, ""
 
 
-def rule_label(a: str, b: str) -> int | None:
-    """A response that hides behind 'As an AI language model' loses to one that does not."""
+def dominant_script(text: str) -> str | None:
+    """The Unicode script most of ``text``'s letters belong to ('LATIN', 'CJK', 'CYRILLIC', …)."""
+    counts: Counter = Counter()
+    for ch in text:
+        if ch.isalpha():
+            name = unicodedata.name(ch, "")
+            counts["CJK" if name.startswith(("CJK", "HIRAGANA", "KATAKANA", "HANGUL")) else name.split(" ")[0]] += 1
+    return counts.most_common(1)[0][0] if counts else None
+
+
+def _text(prompt: Any) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    return " ".join(m.get("content", "") for m in prompt if m.get("role") == "user")
+
+
+def rule_label(a: str, b: str, prompt: Any = None) -> int | None:
+    """SALMON's rule-based overrides (+1: a wins, -1: b wins, None: no rule fires).
+
+    - A response that hides behind 'As an AI language model' loses to one that does not.
+    - A response in another script than the prompt loses to one in the prompt's script (a 135M policy
+      drifts into other languages; a small judge does not notice).
+    """
     da, db = AI_DISCLAIMER in a.lower(), AI_DISCLAIMER in b.lower()
     if da != db:
         return -1 if da else 1
+    want = dominant_script(_text(prompt)) if prompt is not None else None
+    if want is not None:
+        ma, mb = dominant_script(a) == want, dominant_script(b) == want
+        if ma != mb:
+            return 1 if ma else -1
     return None
 
 
@@ -138,7 +165,7 @@ def aggregate(pairs: Sequence[dict], judgments: Sequence[dict], pset: PrincipleS
             draw = draw_principles(rng, available, cfg)
             label, dominant, score, reason = dominant_label(scores, draw)
             source = "judge"
-            if cfg.rule_overrides and (rl := rule_label(pair["response_a"], pair["response_b"])) is not None:
+            if cfg.rule_overrides and (rl := rule_label(pair["response_a"], pair["response_b"], pair["prompt"])) is not None:
                 label, source, reason = rl, "rule", ""
                 counters["rule_overrides"] += 1
             if label is None:

@@ -102,7 +102,7 @@ class AggregateConfig(_Strict):
         default="variance", description="Per-principle scale normalisation (SALMON divides by the variance)."
     )
     require_order_agreement: bool = Field(default=True, description="A score counts only if both orders agree in sign.")
-    rule_overrides: bool = Field(default=False, description="Rule-based labels (e.g. 'As an AI language model' loses).")
+    rule_overrides: bool = Field(default=False, description="Rule-based labels: 'As an AI language model' loses; an answer in another script than the prompt loses.")
     label_noise: float = Field(default=0.0, ge=0, le=0.5, description="Probability of flipping a label.")
     eval_fraction: float = Field(default=0.2, ge=0, lt=1, description="Share of prompts held out (split by prompt).")
     seed: int = 42

@@ -100,7 +100,12 @@ def _tokens(text: str) -> list[str]:
 
 
 def rouge_l(a: str, b: str) -> float:
-    """ROUGE-L F1 over lower-cased word tokens (longest common subsequence), as self-instruct filters."""
+    """ROUGE-L F1 over lower-cased word tokens (longest common subsequence), as self-instruct filters.
+
+    Not the ``rouge-score`` package: it ships only as an sdist that pulls in nltk, and its default
+    tokenizer keeps [a-z0-9] only, so two Chinese or Russian prompts would always score 0 and never
+    be caught as near-duplicates. A word pattern keeps every script's words.
+    """
     x, y = _tokens(a), _tokens(b)
     if not x or not y:
         return 0.0

@@ -193,8 +193,9 @@ class CausalLMScorer(LMScorer):
         total = torch.zeros((), dtype=torch.float32, device=hidden_rows.device)
         for s in range(0, hidden_rows.shape[0], LOGIT_CHUNK):
             logits = self._lm_head(hidden_rows[s:s + LOGIT_CHUNK])
-            lp = torch.log_softmax(logits, dim=-1)
-            total = total + lp.gather(1, targets[s:s + LOGIT_CHUNK, None]).sum()
+            # target logit − logsumexp: log_softmax would write the whole [rows, vocab] tensor again.
+            picked = logits.gather(1, targets[s:s + LOGIT_CHUNK, None])[:, 0]
+            total = total + (picked - logits.logsumexp(-1)).sum()
         return total
 
 

@@ -121,6 +121,11 @@ def test_label_noise_and_rule_overrides_are_off_by_default_and_work_when_on():
     noisy = aggregate(pairs, js, PSET, AggregateConfig(normalize="none", eval_fraction=0, label_noise=0.5))
     assert noisy[2]["noise_flipped"] > 0
     assert rule_label("As an AI language model, I cannot.", "Sure: 4.") == -1
+    # The language rule: the answer in the prompt's script wins; same script on both sides: no rule.
+    assert rule_label("Paris is the capital.", "首都是巴黎。", "What is the capital of France?") == 1
+    assert rule_label("Столица — Париж.", "It is Paris.", [{"role": "user", "content": "Capital of France?"}]) == -1
+    assert rule_label("巴黎。", "首都是巴黎。", "法国的首都是哪里？") is None
+    assert rule_label("Paris.", "It is Paris.", "Capital of France?") is None
     pairs[0]["response_a"] = "As an AI language model I can't say."
     ruled = aggregate(pairs, js, PSET, AggregateConfig(normalize="none", eval_fraction=0, rule_overrides=True))[0]
     assert all(r["chosen"] == "B0" for r in ruled if r["pair_id"] == "p0#0")

@@ -303,6 +303,40 @@ def full_batch_logprobs(scorer, seqs, batch_size: int = 0) -> list[float]:
     return out
 
 
+def workload_flops(config, groups: list[list]) -> dict[str, float]:
+    """FLOPs each configuration must do for ``groups`` (a request's sequences each), from the model's
+    shapes: linear layers per token, attention per (query, key) pair, lm_head per response token.
+
+    service: the responses as suffixes against their prefix, plus each prompt once per principle
+    block (the blocks themselves are warm); no_cache: every full sequence, unpadded; baseline: every
+    full sequence padded to its request's longest. The ratios of these are the most a speed-up can be
+    when every configuration runs its kernels equally well.
+    """
+    hidden, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    linear = 2 * layers * (hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2 + 3 * hidden * inter)
+    attn_pair = layers * 4 * heads * head_dim
+    head = 2 * hidden * config.vocab_size
+
+    def causal(start: int, n: int) -> int:  # Σ context over n tokens whose first sees start + 1 keys
+        return n * start + n * (n + 1) // 2
+
+    out = {"service": 0.0, "no_cache": 0.0, "baseline": 0.0}
+    for seqs in groups:
+        for x in seqs:
+            p, r = len(x.prefix_ids), len(x.response_ids)
+            out["service"] += r * (linear + head) + attn_pair * causal(p, r)
+            out["no_cache"] += len(x) * linear + attn_pair * causal(0, len(x)) + r * head
+        for system, prompt in {(x.system_ids, x.prompt_ids) for x in seqs}:
+            out["service"] += len(prompt) * linear + attn_pair * causal(len(system), len(prompt))
+        width = max(len(x) for x in seqs)
+        out["baseline"] += sum(width * linear + attn_pair * causal(0, width) + len(x.response_ids) * head
+                               for x in seqs)
+    return out
+
+
 def baseline_app(scorer, principles, batch_size: int = 0):
     """The serve_rm-style stand-in (see the module docstring)."""
     from fastapi import FastAPI, Request
@@ -392,7 +426,11 @@ def _worker(config: str, spec_path: str) -> int:
         wall = time.perf_counter() - t0
         scores = combine_values(timed, values)
         kv_bytes = sum(k.nbytes + v.nbytes for kv, _, _ in block_kv.values() for k, v in kv)
+        groups = [[s for p in timed[g:g + spec["generations"]] for s in p.seqs]
+                  for g in range(0, len(timed), spec["generations"])]  # one request = one prompt's G items
+        flops = workload_flops(scorer.model.config, groups)
         _emit({"event": "result", "wall_s": wall, "scores": scores, "tokens": sum(len(s) for s in seqs),
+               "flops": flops,
                "unique_tokens": ran, "sequences": len(seqs), "block_kv_bytes": kv_bytes,
                "peak_rss_mib": _peak_rss_mib(), "torch_threads": torch.get_num_threads()})
         return 0
@@ -528,7 +566,7 @@ def run_config(config: str, spec: dict, spec_path: Path, tmp: Path) -> dict:
         if config == "limit":
             w.close()
             res = {k: ev[k] for k in ("wall_s", "scores", "tokens", "unique_tokens", "sequences",
-                                      "block_kv_bytes", "peak_rss_mib", "torch_threads")}
+                                      "block_kv_bytes", "peak_rss_mib", "torch_threads", "flops")}
             res["latencies_s"] = []
         else:
             driven = asyncio.run(_drive(ev["url"], spec["workload"], spec["timeout_s"]))
@@ -578,6 +616,16 @@ def summarize(results: dict[str, dict], spec: dict) -> dict:
         "speedup_vs_no_cache": _ratio(t["service_no_cache"], t["service"]),
         "speedup_vs_baseline": _ratio(t["baseline"], t["service"]),
     }
+    flops = (lim or {}).get("flops") or {}
+    work = {
+        "no_cache_vs_service": _ratio(flops.get("no_cache"), flops.get("service")),
+        "baseline_vs_service": _ratio(flops.get("baseline"), flops.get("service")),
+    }
+    for name, key in (("limit", "service"), ("service", "service"), ("service_no_cache", "no_cache"),
+                      ("baseline", "baseline")):
+        if name in rows and flops.get(key) and rows[name]["wall_s"]:
+            rows[name]["gflop"] = flops[key] / 1e9
+            rows[name]["gflop_per_s"] = flops[key] / 1e9 / rows[name]["wall_s"]
     pc = (results.get("service") or {}).get("prefix_cache") or {}
     targets = {
         "service_within_1.25x_of_limit": None if ratios["service_vs_limit_time"] is None
@@ -588,7 +636,7 @@ def summarize(results: dict[str, dict], spec: dict) -> dict:
         else ratios["speedup_vs_baseline"] >= TARGETS["speedup_vs_baseline"],
         "cache_within_bound": (pc["bytes"] <= pc["max_bytes"]) if pc else None,
     }
-    return {"configurations": rows, "ratios": ratios, "targets": targets, "tokens": tokens}
+    return {"configurations": rows, "ratios": ratios, "work_ratios": work, "targets": targets, "tokens": tokens}
 
 
 def _ms(x: float | None) -> float | None:
@@ -637,12 +685,14 @@ def _fmt(x, nd=1) -> str:
 
 def table(report: dict) -> str:
     rows = report["summary"]["configurations"]
-    lines = ["| configuration | time (s) | tokens/s | p50 (ms) | p99 (ms) | peak RSS (MiB) | max |Δscore| vs (1) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| configuration | time (s) | tokens/s | GFLOP | GFLOP/s | p50 (ms) | p99 (ms) | peak RSS (MiB) "
+             "| max |Δscore| vs (1) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name in CONFIGS:
         if name in rows:
             r = rows[name]
             lines.append(f"| {r['label']} | {_fmt(r['wall_s'], 2)} | {_fmt(r['tokens_per_s'], 0)} | "
+                         f"{_fmt(r.get('gflop'), 0)} | {_fmt(r.get('gflop_per_s'), 1)} | "
                          f"{_fmt(r['p50_ms'], 0)} | {_fmt(r['p99_ms'], 0)} | {_fmt(r['peak_rss_mib'], 0)} | "
                          f"{_fmt(r['max_abs_score_diff_vs_limit'], 4)} |")
     return "\n".join(lines)
@@ -679,6 +729,10 @@ def markdown(report: dict) -> str:
         f"{_fmt(tg['service_3x_faster_than_no_cache'])})",
         f"- (2) vs (4), speed-up: **{_fmt(ra['speedup_vs_baseline'], 2)}×** (target ≥ 4: "
         f"{_fmt(tg['service_4x_faster_than_baseline'])})",
+        (f"- Work (FLOPs counted from the model's shapes and the workload's lengths): (3) is "
+         f"{_fmt(s.get('work_ratios', {}).get('no_cache_vs_service'), 2)}× and (4) "
+         f"{_fmt(s.get('work_ratios', {}).get('baseline_vs_service'), 2)}× the work of (2): the speed-ups "
+         "(2) could reach if every configuration ran its kernels equally well."),
         (f"- Prefix cache after the run: {pc.get('bytes', 0) / 2**20:.1f} MiB in {pc.get('entries')} entries, "
          f"bound {pc.get('max_bytes', 0) / 2**20:.0f} MiB (within: {_fmt(tg['cache_within_bound'])}); "
          f"hits {pc.get('hits')}, misses {pc.get('misses')}, evictions {pc.get('evictions')}.") if pc else

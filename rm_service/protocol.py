@@ -137,7 +137,7 @@ class ModelInfo(BaseModel):
     registry: str | None
     prompt_format_version: str
     default_principle_set: str
-    limits: dict[str, int]
+    limits: dict[str, int | float]
     prefix_cache: dict[str, Any]
     last_reload_error: str | None = None
 

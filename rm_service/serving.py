@@ -378,7 +378,7 @@ class ScoreService:
             prompt_format_version=PROMPT_FORMAT_VERSION, default_principle_set=self.sets.default,
             limits={"max_items": s.max_items, "max_prompt_tokens": s.max_prompt_tokens,
                     "max_response_tokens": s.max_response_tokens, "max_body_bytes": s.max_body_bytes,
-                    "max_batch_tokens": s.max_batch_tokens, "max_queue_items": s.max_queue_items,
-                    "max_principles": s.max_principles, "max_messages": s.max_messages},
+                    "max_batch_tokens": s.max_batch_tokens, "max_padding": s.max_padding,
+                    "max_queue_items": s.max_queue_items, "max_principles": s.max_principles, "max_messages": s.max_messages},
             prefix_cache=self.models.prefix_cache.stats(), last_reload_error=self.models.last_reload_error,
         )

@@ -9,7 +9,8 @@ import json
 
 import pytest
 
-from rm_service.bench import CONFIGS, main, parse_args
+from rm_service.bench import CONFIGS, main, parse_args, workload_flops
+from rm_service.render import RenderedInput
 from salmon.cli import CLIError
 
 
@@ -34,6 +35,9 @@ def test_bench_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
     assert set(ratios) == {"service_vs_limit_time", "speedup_vs_no_cache", "speedup_vs_baseline"}
     assert all(v > 0 for v in ratios.values())
     assert report["summary"]["targets"]["cache_within_bound"] is True
+    work = report["summary"]["work_ratios"]
+    assert work["baseline_vs_service"] >= work["no_cache_vs_service"] > 1  # padding only adds work
+    assert all(rows[n]["gflop"] > 0 and rows[n]["gflop_per_s"] > 0 for n in CONFIGS)
     assert report["workload"]["prefix_tokens_actual"] >= 80
     text = md.read_text()
     assert text.startswith("# Benchmarks") and text.count("## ") == 1 and "(2) vs (1)" in text
@@ -48,3 +52,19 @@ def test_bench_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
 def test_bad_arguments_are_user_errors(bad):
     with pytest.raises(CLIError):
         parse_args(bad)
+
+
+def test_workload_flops_match_a_hand_count():
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(hidden_size=4, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
+                          num_key_value_heads=1, head_dim=2, vocab_size=10)
+    # linear 2·(4·2·2·2 + 4·1·2·2 + 3·4·8) = 288 per token, 16 per (query, key) pair, lm_head 80 per token.
+    a = RenderedInput((1, 2, 3), (4, 5), (6, 7, 8, 9))
+    b = RenderedInput((1, 2, 3), (4, 5), (6, 7))
+    f = workload_flops(cfg, [[a, b]])
+    # service: a's 4 response tokens see 6..9 keys, b's 2 see 6..7; the prompt once sees 4..5 keys.
+    assert f["service"] == 4 * 368 + 16 * 30 + 2 * 368 + 16 * 13 + 2 * 288 + 16 * 9
+    # no cache: every full sequence, causal; baseline: both padded to 9 tokens.
+    assert f["no_cache"] == (9 * 288 + 16 * 45 + 4 * 80) + (7 * 288 + 16 * 28 + 2 * 80)
+    assert f["baseline"] == (9 * 288 + 16 * 45 + 4 * 80) + (9 * 288 + 16 * 45 + 2 * 80)

@@ -279,7 +279,7 @@ def limit_logprobs(scorer, seqs, block_kv: dict) -> tuple[list[float], int]:
                     sums = first_lp[ids[:, 0]].clone()
                     for c in range(0, rows.shape[0], LOGIT_CHUNK):
                         logits = scorer._lm_head(rows[c:c + LOGIT_CHUNK])
-                        tok = logits.gather(1, targets[c:c + LOGIT_CHUNK, None])[:, 0] - logits.logsumexp(-1)
+                        tok = torch.log_softmax(logits, dim=-1).gather(1, targets[c:c + LOGIT_CHUNK, None])[:, 0]
                         sums.index_add_(0, owner[c:c + LOGIT_CHUNK], tok)
                     for j, i in enumerate(chunk):
                         out[i] = float(sums[j])

@@ -193,9 +193,10 @@ class CausalLMScorer(LMScorer):
         total = torch.zeros((), dtype=torch.float32, device=hidden_rows.device)
         for s in range(0, hidden_rows.shape[0], LOGIT_CHUNK):
             logits = self._lm_head(hidden_rows[s:s + LOGIT_CHUNK])
-            # target logit − logsumexp: log_softmax would write the whole [rows, vocab] tensor again.
-            picked = logits.gather(1, targets[s:s + LOGIT_CHUNK, None])[:, 0]
-            total = total + (picked - logits.logsumexp(-1)).sum()
+            # log_softmax then gather, not logit − logsumexp: on CPU torch's logsumexp is the slower of the
+            # two (measured on [200, 49152] fp32 logits: 176 ms vs 334 ms including the lm_head matmul).
+            lp = torch.log_softmax(logits, dim=-1)
+            total = total + lp.gather(1, targets[s:s + LOGIT_CHUNK, None]).sum()
         return total
 
 

@@ -122,6 +122,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-batch-tokens", type=int, default=4096, help="the service's padded-token budget per forward")
     p.add_argument("--max-padding", type=float, default=0.25,
                    help="the service's pad share before a length-sorted batch is split (also used by (1))")
+    p.add_argument("--prefix-attention", default="auto", choices=["auto", "expanded"],
+                   help="how (1) and (2) attend to a cached prefix (the service's prefix_attention setting)")
     p.add_argument("--baseline-batch-size", type=int, default=0,
                    help="sequences per forward in the baseline (serve_rm's --batch_size); 0: the whole request")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -218,30 +220,14 @@ def build_workload(tokenizer, args) -> dict:
 
 # -- the limit and the baseline's model call ------------------------------------------------------
 
-def _extend(scorer, base, ids):
-    """Forward ``ids`` (batch 1) after the prefix ``base`` = (kv, last_hidden, length) or None."""
-    import torch
-    from transformers import DynamicCache
-
-    start = base[2] if base else 0
-    dev = scorer.device
-    cache = DynamicCache(ddp_cache_data=base[0] if base else None, config=scorer.model.config)
-    out = scorer._decoder()(
-        input_ids=torch.tensor([ids], dtype=torch.long, device=dev),
-        attention_mask=torch.ones((1, start + len(ids)), dtype=torch.long, device=dev),
-        position_ids=torch.arange(start, start + len(ids), device=dev)[None],
-        past_key_values=cache, use_cache=True)
-    kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-    return kv, out.last_hidden_state[0, -1], start + len(ids)
-
-
-def limit_logprobs(scorer, seqs, block_kv: dict) -> tuple[list[float], int]:
+def limit_logprobs(scorer, seqs, block_kv: dict, cascade: bool) -> tuple[list[float], int]:
     """Σ log p(response | prefix) per sequence over unique tokens only: each principle block once
     (kept in ``block_kv`` across calls, like a warm cache), each prompt prefix once, the responses of
-    a prefix as batches of suffixes. Returns the values and the number of tokens run."""
+    a prefix as batches of suffixes (the service's suffix forward, ``cascade`` as the service decides).
+    Returns the values and the number of tokens run."""
     import torch
-    from transformers import DynamicCache
 
+    from rm_service.prefix_cache import extend_prefix, suffix_hidden_states
     from rm_service.scorers import LOGIT_CHUNK
 
     by_block: dict = defaultdict(lambda: defaultdict(list))
@@ -249,28 +235,24 @@ def limit_logprobs(scorer, seqs, block_kv: dict) -> tuple[list[float], int]:
         by_block[s.system_ids][s.prompt_ids].append(i)
     out = [0.0] * len(seqs)
     ran = 0
-    dec, dev = scorer._decoder(), scorer.device
+    dev = scorer.device
     lengths = [len(s.response_ids) for s in seqs]
     with torch.inference_mode():
         for system, by_prompt in by_block.items():
             if system not in block_kv:
-                block_kv[system] = _extend(scorer, None, system)
+                block_kv[system] = extend_prefix(scorer, None, system)
                 ran += len(system)
             for prompt, idx in by_prompt.items():
-                kv, last, plen = _extend(scorer, block_kv[system], prompt) if prompt else block_kv[system]
+                entry = extend_prefix(scorer, block_kv[system], prompt) if prompt else block_kv[system]
                 ran += len(prompt)
-                first_lp = torch.log_softmax(scorer._lm_head(last[None]), dim=-1)[0]
+                kv = entry.full_kv()
+                first_lp = torch.log_softmax(scorer._lm_head(entry.last_hidden[None]), dim=-1)[0]
                 order = sorted(idx, key=lambda i: -lengths[i])
                 for chunk in scorer._chunks(order, lengths):
                     ids, smask = scorer._pad([list(seqs[i].response_ids) for i in chunk])
                     b, w = ids.shape
                     ran += int(smask.sum())
-                    cache = DynamicCache(ddp_cache_data=[(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1))
-                                                         for k, v in kv], config=scorer.model.config)
-                    mask = torch.cat([torch.ones((b, plen), dtype=torch.long, device=dev), smask], 1)
-                    pos = torch.arange(plen, plen + w, device=dev)[None].expand(b, -1)
-                    hidden = dec(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                                 use_cache=True).last_hidden_state
+                    hidden = suffix_hidden_states(scorer, kv, entry.length, ids, smask, cascade)
                     # lm_head over every predicting position of the chunk together, LOGIT_CHUNK rows
                     # at a time (bounds the [rows, vocab] logits as the service does).
                     sel = smask[:, 1:].bool()
@@ -414,18 +396,21 @@ def _worker(config: str, spec_path: str) -> int:
         from rm_service.scorers import combine_values
 
         scorer = _load_scorer(spec)
+        from rm_service.prefix_cache import PrefixCache
+
+        cascade = PrefixCache(attention=spec["prefix_attention"]).uses_cascade(scorer)
         block_kv: dict = {}
         warm = [scorer.prepare(principles, p, r) for p, r in _items(wl["warmup"])]
-        limit_logprobs(scorer, [s for p in warm for s in p.seqs], block_kv)
+        limit_logprobs(scorer, [s for p in warm for s in p.seqs], block_kv, cascade)
         timed = [scorer.prepare(principles, p, r) for rnd in wl["rounds"] for p, r in _items(rnd)]
         seqs = [s for p in timed for s in p.seqs]
         _sync(scorer.device)
         t0 = time.perf_counter()
-        values, ran = limit_logprobs(scorer, seqs, block_kv)
+        values, ran = limit_logprobs(scorer, seqs, block_kv, cascade)
         _sync(scorer.device)
         wall = time.perf_counter() - t0
         scores = combine_values(timed, values)
-        kv_bytes = sum(k.nbytes + v.nbytes for kv, _, _ in block_kv.values() for k, v in kv)
+        kv_bytes = sum(e.nbytes for e in block_kv.values())
         groups = [[s for p in timed[g:g + spec["generations"]] for s in p.seqs]
                   for g in range(0, len(timed), spec["generations"])]  # one request = one prompt's G items
         flops = workload_flops(scorer.model.config, groups)
@@ -441,7 +426,7 @@ def _worker(config: str, spec_path: str) -> int:
     settings = ServiceSettings(
         port=0, scorer=spec["scorer"], model=spec["model"], contrast=spec["contrast"],
         prefix_cache=config == "service", max_batch_tokens=spec["max_batch_tokens"],
-        max_padding=spec["max_padding"], dtype=spec["dtype"],
+        max_padding=spec["max_padding"], prefix_attention=spec["prefix_attention"], dtype=spec["dtype"],
         device=spec["device"], num_threads=spec.get("threads"), principle_sets_dir=Path(spec["set_path"]).parent,
         default_principle_set=SET_NAME, max_response_tokens=max(1024, spec["max_response_tokens"] + 16),
         request_timeout_s=spec["timeout_s"], max_items=max(256, spec["generations"]))
@@ -779,7 +764,8 @@ def main(argv: list[str]) -> int:
                "min_response_tokens": args.min_response_tokens, "max_response_tokens": args.max_response_tokens,
                "mean_response_tokens": statistics.fmean(resp_tokens), "seed": args.seed,
                "max_batch_tokens": args.max_batch_tokens, "max_padding": args.max_padding,
-               "baseline_batch_size": args.baseline_batch_size, "dtype": args.dtype, "device": args.device, "threads": args.threads,
+               "prefix_attention": args.prefix_attention, "baseline_batch_size": args.baseline_batch_size,
+               "dtype": args.dtype, "device": args.device, "threads": args.threads,
                "command": "salmon " + " ".join(argv)}
     print(f"salmon bench: {args.prompts}×{args.generations} items × {args.rounds} rounds, principle block "
           f"{block_tokens} tokens ({len(principles)} principles), load {env['load_average']}", file=sys.stderr)
@@ -796,7 +782,7 @@ def main(argv: list[str]) -> int:
             "principles": [pr.model_dump(mode="json", exclude_defaults=True) for pr in principles]}, sort_keys=False))
         spec = {"model": args.model, "scorer": args.scorer, "contrast": args.contrast, "dtype": args.dtype,
                 "device": args.device, "threads": args.threads, "max_batch_tokens": args.max_batch_tokens,
-                "max_padding": args.max_padding,
+                "max_padding": args.max_padding, "prefix_attention": args.prefix_attention,
                 "max_response_tokens": args.max_response_tokens, "generations": args.generations,
                 "baseline_batch_size": args.baseline_batch_size, "timeout_s": args.timeout_s,
                 "set_path": str(set_path), "workload": workload}

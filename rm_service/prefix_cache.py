@@ -7,8 +7,10 @@ block (hundreds of tokens). Full-sequence scoring recomputes both for every resp
    in an LRU bounded by bytes;
 2. the prompt segment is computed on top of it once per request group (and kept too: a rescored
    prompt, or the k+1 variants of the contrastive scorer, hit it);
-3. the responses of a group run as one batch of right-padded suffixes against the expanded
-   prefix cache, with explicit position ids and an attention mask covering prefix + suffix.
+3. the responses of a group run as batches of right-padded suffixes with explicit position ids,
+   attending to the prefix through rm_service/prefix_attention.py's cascade (the prefix's keys and
+   values used as cached, never copied per row) where torch's fused CPU kernel exists, else through a
+   key/value cache expanded to the batch with a mask over prefix + suffix (``attention="expanded"``).
 
 Each entry stores the per-layer keys/values of ITS OWN tokens and the hidden state of the prefix's
 last token (it predicts the first response token). A prompt entry points at its principle-block
@@ -27,9 +29,11 @@ import hashlib
 import threading
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
+
+from rm_service.prefix_attention import cascade_attention, cascade_available
 
 if TYPE_CHECKING:
     from rm_service.render import RenderedInput
@@ -58,10 +62,58 @@ def _key(version: str, ids: tuple[int, ...]) -> tuple[str, str]:
     return version, f"{len(ids)}:{h}"
 
 
+def extend_prefix(scorer: CausalLMScorer, base: PrefixEntry | None, ids: tuple[int, ...],
+                  base_key: tuple[str, str] | None = None) -> PrefixEntry:
+    """Run ``ids`` (batch 1) after ``base``; the entry keeps only the new tokens' keys/values."""
+    from transformers import DynamicCache
+
+    decoder = scorer._decoder()
+    start = base.length if base else 0
+    device = scorer.device
+    x = torch.tensor([ids], dtype=torch.long, device=device)
+    cache = DynamicCache(ddp_cache_data=base.full_kv() if base else None, config=scorer.model.config)
+    mask = torch.ones((1, start + len(ids)), dtype=torch.long, device=device)
+    pos = torch.arange(start, start + len(ids), device=device)[None]
+    out = decoder(input_ids=x, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+    # A slice is a view of the whole [base + new] tensor; clone so the entry holds only its own part.
+    kv = [(layer.keys[:, :, start:].clone(), layer.values[:, :, start:].clone())
+          for layer in out.past_key_values.layers]
+    last = out.last_hidden_state[0, -1].clone()
+    nbytes = sum(k.nbytes + v.nbytes for k, v in kv) + last.nbytes
+    return PrefixEntry(kv, last, start + len(ids), nbytes, parent=base, parent_key=base_key)
+
+
+PrefixAttention = Literal["auto", "expanded"]
+
+
+def suffix_hidden_states(scorer: CausalLMScorer, prefix_kv: list[tuple[torch.Tensor, torch.Tensor]],
+                         prefix_len: int, ids: torch.Tensor, suffix_mask: torch.Tensor,
+                         cascade: bool) -> torch.Tensor:
+    """Last hidden states of right-padded suffixes ``ids`` [b, w] that all follow one cached prefix.
+
+    ``prefix_kv``: per layer [1, kv_heads, prefix_len, head_dim]. The caller holds the scorer's lock.
+    """
+    from transformers import DynamicCache
+
+    decoder = scorer._decoder()
+    b, w = ids.shape
+    pos = torch.arange(prefix_len, prefix_len + w, device=ids.device)[None].expand(b, -1)
+    if cascade:
+        with cascade_attention(decoder.config):
+            return decoder(input_ids=ids, position_ids=pos, use_cache=False, prefix_kv=prefix_kv).last_hidden_state
+    kv = [(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in prefix_kv]
+    cache = DynamicCache(ddp_cache_data=kv, config=scorer.model.config)
+    mask = torch.cat([torch.ones((b, prefix_len), dtype=torch.long, device=ids.device), suffix_mask], 1)
+    return decoder(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                   use_cache=True).last_hidden_state
+
+
 class PrefixCache:
-    def __init__(self, max_bytes: int = 512 * 1024 * 1024, enabled: bool = True):
+    def __init__(self, max_bytes: int = 512 * 1024 * 1024, enabled: bool = True,
+                 attention: PrefixAttention = "auto"):
         self.max_bytes = max_bytes
         self.enabled = enabled and max_bytes > 0
+        self.attention = attention
         self._entries: OrderedDict[tuple[str, str], PrefixEntry] = OrderedDict()
         self._children: dict[tuple[str, str], set[tuple[str, str]]] = defaultdict(set)
         self._bytes = 0
@@ -114,34 +166,17 @@ class PrefixCache:
         with self._lock:
             return sum(self._evict(k) for k in [k for k in self._entries if k[0] == version])
 
+    def uses_cascade(self, scorer: CausalLMScorer) -> bool:
+        return self.attention == "auto" and cascade_available(scorer.model, scorer.device)
+
     def stats(self) -> dict:
         with self._lock:
-            return {"enabled": self.enabled, "entries": len(self._entries), "bytes": self._bytes,
+            return {"enabled": self.enabled, "attention": self.attention,
+                    "entries": len(self._entries), "bytes": self._bytes,
                     "max_bytes": self.max_bytes, "hits": self.hits, "misses": self.misses,
                     "evictions": self.evictions}
 
     # -- compute ----------------------------------------------------------------------------
-    def _extend(self, scorer: CausalLMScorer, base: PrefixEntry | None, ids: tuple[int, ...],
-                base_key: tuple[str, str] | None = None) -> PrefixEntry:
-        """Run ``ids`` (batch 1) after ``base``; the entry keeps only the new tokens' keys/values."""
-        from transformers import DynamicCache
-
-        decoder = scorer._decoder()
-        start = base.length if base else 0
-        device = scorer.device
-        x = torch.tensor([ids], dtype=torch.long, device=device)
-        cache = DynamicCache(ddp_cache_data=base.full_kv() if base else None, config=scorer.model.config)
-        mask = torch.ones((1, start + len(ids)), dtype=torch.long, device=device)
-        pos = torch.arange(start, start + len(ids), device=device)[None]
-        out = decoder(input_ids=x, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                      use_cache=True)
-        # A slice is a view of the whole [base + new] tensor; clone so the entry holds only its own part.
-        kv = [(layer.keys[:, :, start:].clone(), layer.values[:, :, start:].clone())
-              for layer in out.past_key_values.layers]
-        last = out.last_hidden_state[0, -1].clone()
-        nbytes = sum(k.nbytes + v.nbytes for k, v in kv) + last.nbytes
-        return PrefixEntry(kv, last, start + len(ids), nbytes, parent=base, parent_key=base_key)
-
     def _prefix(self, scorer: CausalLMScorer, system: tuple[int, ...], prompt: tuple[int, ...]
                 ) -> tuple[PrefixEntry, int]:
         """The (system + prompt) entry, and how many of its tokens came from the cache."""
@@ -152,24 +187,21 @@ class PrefixCache:
         sys_entry = self.get(v, system)
         cached = sys_entry.length if sys_entry else 0
         if sys_entry is None:
-            sys_entry = self._extend(scorer, None, system)
+            sys_entry = extend_prefix(scorer, None, system)
             self.put(v, system, sys_entry)
-        entry = self._extend(scorer, sys_entry, prompt, _key(v, system)) if prompt else sys_entry
+        entry = extend_prefix(scorer, sys_entry, prompt, _key(v, system)) if prompt else sys_entry
         self.put(v, system + prompt, entry)
         return entry, cached
 
     @torch.inference_mode()
     def response_logprobs(self, scorer: CausalLMScorer, seqs: list[RenderedInput]) -> tuple[list[float], list[int]]:
         """Σ log p(response | prefix) per sequence, via shared prefixes."""
-        from transformers import DynamicCache
-
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, s in enumerate(seqs):
             groups[(s.system_ids, s.prompt_ids)].append(i)
         out = [0.0] * len(seqs)
         cached = [0] * len(seqs)
-        decoder = scorer._decoder()
-        device = scorer.device
+        cascade = self.uses_cascade(scorer)
         for (system, prompt), idx in groups.items():
             entry, hit = self._prefix(scorer, system, prompt)
             # Within a group only the first sequence pays for the prefix; the rest reuse it.
@@ -181,15 +213,8 @@ class PrefixCache:
             order = sorted(idx, key=lambda i: -len(seqs[i].response_ids))
             lengths = {i: len(seqs[i].response_ids) for i in idx}
             for chunk in scorer._chunks(order, [lengths.get(i, 0) for i in range(len(seqs))]):
-                rows = [list(seqs[i].response_ids) for i in chunk]
-                ids, smask = scorer._pad(rows)
-                b, w = ids.shape
-                kv = [(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in prefix_kv]
-                cache = DynamicCache(ddp_cache_data=kv, config=scorer.model.config)
-                mask = torch.cat([torch.ones((b, entry.length), dtype=torch.long, device=device), smask], 1)
-                pos = torch.arange(entry.length, entry.length + w, device=device)[None].expand(b, -1)
-                hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                                 use_cache=True).last_hidden_state
+                ids, smask = scorer._pad([list(seqs[i].response_ids) for i in chunk])
+                hidden = suffix_hidden_states(scorer, prefix_kv, entry.length, ids, smask, cascade)
                 for j, i in enumerate(chunk):
                     r = lengths[i]
                     total = first_lp[ids[j, 0]]

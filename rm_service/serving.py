@@ -139,7 +139,8 @@ class ModelManager:
     def __init__(self, settings: ServiceSettings, metrics: Metrics):
         self.settings = settings
         self.metrics = metrics
-        self.prefix_cache = PrefixCache(settings.prefix_cache_bytes, enabled=settings.prefix_cache)
+        self.prefix_cache = PrefixCache(settings.prefix_cache_bytes, enabled=settings.prefix_cache,
+                                        attention=settings.prefix_attention)
         self.scorer: Scorer | None = None
         self.load_error: str | None = None
         self.last_reload_error: str | None = None

@@ -67,6 +67,11 @@ class ServiceSettings(BaseSettings):
     # -- prefix cache ----------------------------------------------------------------------------
     prefix_cache: bool = Field(default=True, description="Reuse key/value caches of shared prefixes.")
     prefix_cache_bytes: int = Field(default=512 * 1024 * 1024, ge=0)
+    prefix_attention: Literal["auto", "expanded"] = Field(
+        default="auto",
+        description="How suffixes attend to a cached prefix. auto: the cascade (prefix keys/values used as "
+        "cached, merged by log-sum-exp) where torch's fused CPU kernel exists, else expanded. expanded: the "
+        "prefix cache copied to every row with a mask (what GPU runs use).")
 
     # -- security ------------------------------------------------------------------------------
     api_key: SecretStr | None = Field(default=None, description="Bearer key for everything but health (SALMON_API_KEY).")

@@ -128,3 +128,67 @@ def test_batches_split_by_budget_and_by_padding(scorer):
     seqs = _seqs(scorer)
     plain = load_zero_shot("contrastive", scorer.base_model, max_batch_tokens=512, max_padding=float("inf"))
     assert scorer.full_response_logprobs(seqs) == pytest.approx(plain.full_response_logprobs(seqs), rel=1e-4, abs=1e-3)
+
+
+# -- the cascade attention of suffixes against one shared prefix ------------------------------------
+
+def _reference_attention(q, k, v, pk, pv):
+    """Plain softmax attention over [prefix, own causal] keys, kv heads repeated: what the cascade must equal."""
+    import torch
+
+    b, h, w, d = q.shape
+    g = h // k.shape[1]
+    keys = torch.cat([pk.expand(b, -1, -1, -1), k], 2).repeat_interleave(g, 1)
+    vals = torch.cat([pv.expand(b, -1, -1, -1), v], 2).repeat_interleave(g, 1)
+    p = pk.shape[2]
+    allowed = torch.ones(w, p + w, dtype=torch.bool)
+    allowed[:, p:] = torch.ones(w, w, dtype=torch.bool).tril()
+    scores = (q @ keys.transpose(-1, -2)) / d ** 0.5
+    out = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ vals
+    return out.transpose(1, 2)  # [b, w, h, d], as attention functions return it
+
+
+@pytest.mark.parametrize(("b", "heads", "kv_heads", "w", "p"), [(3, 4, 2, 7, 11), (1, 9, 3, 1, 5), (5, 6, 6, 16, 40)])
+def test_cascade_attention_equals_softmax_over_prefix_and_causal_suffix(b, heads, kv_heads, w, p):
+    import torch
+
+    from rm_service import prefix_attention as pa
+
+    g = torch.Generator().manual_seed(b * 100 + w)
+    q = torch.randn(b, heads, w, 8, generator=g)
+    k, v = torch.randn(b, kv_heads, w, 8, generator=g), torch.randn(b, kv_heads, w, 8, generator=g)
+    # Large prefix scores in one head: the merge must not overflow where one part dominates.
+    pk, pv = torch.randn(1, kv_heads, p, 8, generator=g) * 3, torch.randn(1, kv_heads, p, 8, generator=g)
+    layer = torch.nn.Module()
+    layer.layer_idx = 0
+    out, _ = pa.prefix_cascade_forward(layer, q, k, v, None, scaling=8 ** -0.5, prefix_kv=[(pk, pv)])
+    assert out.shape == (b, w, heads, 8)
+    assert torch.allclose(out, _reference_attention(q, k, v, pk, pv), atol=1e-5, rtol=1e-4)
+
+
+def test_suffix_path_takes_the_cascade_on_cpu_and_matches_the_expanded_path(scorer, monkeypatch):
+    from transformers import AttentionInterface
+
+    from rm_service import prefix_attention as pa
+
+    calls = []
+    original = pa.prefix_cascade_forward
+
+    def spy(module, *args, prefix_kv=None, **kwargs):
+        calls.append(prefix_kv is not None)
+        return original(module, *args, prefix_kv=prefix_kv, **kwargs)
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, pa.NAME, spy)
+    seqs = _seqs(scorer)
+    cascade = PrefixCache(64 * 1024 * 1024)
+    expanded = PrefixCache(64 * 1024 * 1024, attention="expanded")
+    assert cascade.uses_cascade(scorer) and not expanded.uses_cascade(scorer)
+    values, _ = cascade.response_logprobs(scorer, seqs)
+    n_layers = scorer.model.config.num_hidden_layers
+    assert calls and all(calls) and len(calls) % n_layers == 0  # every layer of every suffix batch
+    calls.clear()
+    reference, _ = expanded.response_logprobs(scorer, seqs)
+    assert calls == []
+    assert values == pytest.approx(reference, rel=1e-4, abs=1e-3)
+    assert values == pytest.approx(scorer.full_response_logprobs(seqs), rel=1e-4, abs=1e-3)
+    assert scorer.model.config._attn_implementation != pa.NAME  # switched back after each forward

@@ -36,6 +36,7 @@ from transformers import DynamicCache
 from principles.schema import Principle, PrincipleSet, load_principle_set
 from salmon.atomic import file_sha256
 from salmon.cli import CLIError
+from salmon.modeling import kv_cache_kwargs, returned_kv_cache
 
 from .config import JudgeConfig
 from .shards import ShardedStage, counters_total, stable_hash, write_summary
@@ -151,7 +152,7 @@ class LocalABJudge(_ABJudge):
         out: list[float] = []
         if self.prefix_reuse:
             res = self.model(input_ids=torch.tensor([prefix], device=dev), use_cache=True)
-            prefix_kv = [(layer.keys, layer.values) for layer in res.past_key_values.layers]
+            prefix_kv = [(layer.keys, layer.values) for layer in returned_kv_cache(res).layers]
             self._count(1, len(prefix))
         for i in range(0, len(suffixes), self.batch_size):
             chunk = suffixes[i:i + self.batch_size]
@@ -165,7 +166,7 @@ class LocalABJudge(_ABJudge):
                 c = DynamicCache(ddp_cache_data=[(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1))
                                                  for k, v in prefix_kv], config=self.model.config)
                 logits = self.model(input_ids=ids.to(dev), attention_mask=full_mask.to(dev),
-                                    past_key_values=c, use_cache=True).logits
+                                    use_cache=True, **kv_cache_kwargs(self.model, c)).logits
                 self._count(len(chunk), int(lengths.sum()))
             else:
                 ids, mask, lengths = self._pad_right([prefix + s for s in chunk])

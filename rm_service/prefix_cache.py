@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from rm_service.prefix_attention import cascade_attention, cascade_available
+from salmon.modeling import kv_cache_kwargs, returned_kv_cache
 
 if TYPE_CHECKING:
     from rm_service.render import RenderedInput
@@ -74,10 +75,11 @@ def extend_prefix(scorer: CausalLMScorer, base: PrefixEntry | None, ids: tuple[i
     cache = DynamicCache(ddp_cache_data=base.full_kv() if base else None, config=scorer.model.config)
     mask = torch.ones((1, start + len(ids)), dtype=torch.long, device=device)
     pos = torch.arange(start, start + len(ids), device=device)[None]
-    out = decoder(input_ids=x, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+    out = decoder(input_ids=x, attention_mask=mask, position_ids=pos, use_cache=True,
+                  **kv_cache_kwargs(decoder, cache))
     # A slice is a view of the whole [base + new] tensor; clone so the entry holds only its own part.
     kv = [(layer.keys[:, :, start:].clone(), layer.values[:, :, start:].clone())
-          for layer in out.past_key_values.layers]
+          for layer in returned_kv_cache(out).layers]
     last = out.last_hidden_state[0, -1].clone()
     nbytes = sum(k.nbytes + v.nbytes for k, v in kv) + last.nbytes
     return PrefixEntry(kv, last, start + len(ids), nbytes, parent=base, parent_key=base_key)
@@ -104,8 +106,8 @@ def suffix_hidden_states(scorer: CausalLMScorer, prefix_kv: list[tuple[torch.Ten
     kv = [(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in prefix_kv]
     cache = DynamicCache(ddp_cache_data=kv, config=scorer.model.config)
     mask = torch.cat([torch.ones((b, prefix_len), dtype=torch.long, device=ids.device), suffix_mask], 1)
-    return decoder(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                   use_cache=True).last_hidden_state
+    return decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                   **kv_cache_kwargs(decoder, cache)).last_hidden_state
 
 
 class PrefixCache:

@@ -18,8 +18,10 @@ that trainers refuse. We copy the state dict into a model built from the config 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -168,6 +170,23 @@ def pick_attention(attention: Attention, device: torch.device) -> str:
     if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "sdpa"
+
+
+@functools.cache
+def _cache_arg(model_cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_cls.forward).parameters else "past_key_values"
+
+
+def kv_cache_kwargs(model: torch.nn.Module, cache) -> dict:
+    """The forward's key/value-cache keyword for ``model``: transformers 5.24 renamed ``past_key_values``
+    to ``cache`` (the old name warns, and goes in 5.40); 5.23, our lower bound, knows only the old one."""
+    return {_cache_arg(type(model)): cache}
+
+
+def returned_kv_cache(output):
+    """The key/value cache a forward returned, under either name (see :func:`kv_cache_kwargs`)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
 
 
 def load_tokenizer(source: str | os.PathLike | None = None):

@@ -393,11 +393,10 @@ def _worker(config: str, spec_path: str) -> int:
     principles = list(load_principle_set(spec["set_path"]).principles)
     wl = spec["workload"]
     if config == "limit":
+        from rm_service.prefix_cache import PrefixCache
         from rm_service.scorers import combine_values
 
         scorer = _load_scorer(spec)
-        from rm_service.prefix_cache import PrefixCache
-
         cascade = PrefixCache(attention=spec["prefix_attention"]).uses_cascade(scorer)
         block_kv: dict = {}
         warm = [scorer.prepare(principles, p, r) for p, r in _items(wl["warmup"])]

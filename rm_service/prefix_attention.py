@@ -33,7 +33,7 @@ from contextlib import contextmanager
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "salmon_prefix_cascade"
 _flash_cpu = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -72,13 +72,19 @@ def prefix_cascade_forward(module: torch.nn.Module, query: torch.Tensor, key: to
 
 
 AttentionInterface.register(NAME, prefix_cascade_forward)
-if NAME not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
-    AttentionMaskInterface.register(NAME, sdpa_mask)  # any other call sees exactly SDPA's masks
+AttentionMaskInterface.register(NAME, sdpa_mask)  # any other call sees exactly SDPA's masks
 
 
 def cascade_available(model: torch.nn.Module, device: torch.device) -> bool:
-    """True where the fused kernel exists for ``device`` and the model's attention layers know their index."""
+    """True where the fused kernel exists for ``device``, the model's attention layers know their index,
+    and attention is plain softmax over all earlier tokens (no sliding window, no logit soft-capping:
+    the cascade implements neither)."""
     if _flash_cpu is None or device.type != "cpu":
+        return False
+    cfg = model.config
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+        return False
+    if getattr(cfg, "attn_logit_softcapping", None):
         return False
     attn = [m for n, m in model.named_modules() if n.endswith("self_attn")]
     return bool(attn) and all(hasattr(m, "layer_idx") for m in attn)

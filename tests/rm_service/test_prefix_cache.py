@@ -192,3 +192,20 @@ def test_suffix_path_takes_the_cascade_on_cpu_and_matches_the_expanded_path(scor
     assert values == pytest.approx(reference, rel=1e-4, abs=1e-3)
     assert values == pytest.approx(scorer.full_response_logprobs(seqs), rel=1e-4, abs=1e-3)
     assert scorer.model.config._attn_implementation != pa.NAME  # switched back after each forward
+
+
+def test_cascade_is_refused_where_it_would_compute_something_else(scorer):
+    import torch
+
+    from rm_service.prefix_attention import cascade_available
+
+    cfg = scorer.model.config
+    assert cascade_available(scorer.model, torch.device("cpu"))
+    assert not cascade_available(scorer.model, torch.device("cuda"))  # the fused kernel is CPU-only
+    for attr, value in [("sliding_window", 16), ("attn_logit_softcapping", 30.0)]:
+        old = getattr(cfg, attr, None)
+        setattr(cfg, attr, value)
+        try:
+            assert not cascade_available(scorer.model, torch.device("cpu")), attr
+        finally:
+            setattr(cfg, attr, old)

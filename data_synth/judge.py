@@ -35,7 +35,7 @@ from transformers import DynamicCache
 
 from principles.schema import Principle, PrincipleSet, load_principle_set
 from salmon.atomic import file_sha256
-from salmon.cli import CLIError
+from salmon.errors import UserError
 from salmon.modeling import kv_cache_kwargs, returned_kv_cache
 
 from .config import JudgeConfig
@@ -66,7 +66,7 @@ class JudgeLayout:
         for c in CHOICES:
             ids = tokenizer.encode(c, add_special_tokens=False)
             if len(ids) != 1:
-                raise CLIError(f"the judge tokenizer splits {c!r} into {len(ids)} tokens; an A/B judge needs one each")
+                raise UserError(f"the judge tokenizer splits {c!r} into {len(ids)} tokens; an A/B judge needs one each")
             self.choice_ids.append(ids[0])
 
     def _defuse(self, text: str) -> str:
@@ -195,7 +195,7 @@ class OpenAIABJudge(_ABJudge):
         if endpoint.api_key_env:
             key = os.environ.get(endpoint.api_key_env)
             if not key:
-                raise CLIError(f"judge endpoint: env var {endpoint.api_key_env} (api_key_env) is not set")
+                raise UserError(f"judge endpoint: env var {endpoint.api_key_env} (api_key_env) is not set")
             headers["Authorization"] = f"Bearer {key}"
         self.client = client or httpx.Client(timeout=endpoint.timeout_s, headers=headers)
         self.stats = {"requests": 0, "prompts": 0, "missing_choice": 0}
@@ -218,19 +218,19 @@ class OpenAIABJudge(_ABJudge):
                 last_err = f"HTTP {r.status_code}"
                 continue
             if r.status_code != 200:
-                raise CLIError(f"judge endpoint {self.url}: HTTP {r.status_code}: {r.text[:200]}")
+                raise UserError(f"judge endpoint {self.url}: HTTP {r.status_code}: {r.text[:200]}")
             try:
                 choices = sorted(r.json()["choices"], key=lambda c: c.get("index", 0))
                 tops = [c["logprobs"]["top_logprobs"][0] for c in choices]
             except (ValueError, KeyError, IndexError, TypeError):
-                raise CLIError(f"judge endpoint {self.url}: response has no choices[].logprobs.top_logprobs; "
+                raise UserError(f"judge endpoint {self.url}: response has no choices[].logprobs.top_logprobs; "
                                "is it an OpenAI-compatible completions server with logprobs?") from None
             if len(tops) != len(prompts):
-                raise CLIError(f"judge endpoint {self.url}: sent {len(prompts)} prompts, got {len(tops)} choices")
+                raise UserError(f"judge endpoint {self.url}: sent {len(prompts)} prompts, got {len(tops)} choices")
             self.stats["requests"] += 1
             self.stats["prompts"] += len(prompts)
             return tops
-        raise CLIError(f"judge endpoint {self.url}: {last_err} after {self.ep.max_retries + 1} attempts")
+        raise UserError(f"judge endpoint {self.url}: {last_err} after {self.ep.max_retries + 1} attempts")
 
     def _logprob(self, top: dict[str, float], choice: str) -> float:
         hits = [lp for tok, lp in top.items() if tok.strip() == choice]
@@ -254,8 +254,8 @@ class ContrastiveSource:
     def __init__(self, model, tokenizer, name: str = "local", cache_bytes: int = 256 * 1024 * 1024):
         # The one implementation lives in rm_service; its prefix cache shares the principle block and
         # the prompt between the two responses of a pair (and the negated variants).
-        from rm_service.prefix_cache import PrefixCache
-        from rm_service.scorers import ContrastiveScorer
+        from rm_core.prefix_cache import PrefixCache
+        from rm_core.scorers import ContrastiveScorer
 
         self.scorer = ContrastiveScorer(model, tokenizer, version=f"judge-contrastive:{name}", base_model=name,
                                         prefix_cache=PrefixCache(max_bytes=cache_bytes))
@@ -287,12 +287,12 @@ def select_principles(cfg: JudgeConfig) -> tuple[PrincipleSet, list[Principle]]:
     try:
         pset = load_principle_set(cfg.principle_set)
     except PrincipleSetError as e:
-        raise CLIError(str(e)) from None
+        raise UserError(str(e)) from None
     if not cfg.principles:
         return pset, list(pset.principles)
     unknown = [n for n in cfg.principles if n not in pset.names()]
     if unknown:
-        raise CLIError(f"judge.principles: unknown principle {unknown[0]!r} in set {pset.name} "
+        raise UserError(f"judge.principles: unknown principle {unknown[0]!r} in set {pset.name} "
                        f"(known: {', '.join(pset.names())})")
     return pset, [pset.get(n) for n in cfg.principles]
 
@@ -332,7 +332,7 @@ def load_check_set(path: Path, limit: int | None = None) -> list[dict]:
     try:
         rows = read_jsonl(path)
     except JsonlError as e:
-        raise CLIError(str(e)) from None
+        raise UserError(str(e)) from None
     out = []
     for n, r in enumerate(rows, 1):
         try:
@@ -340,7 +340,7 @@ def load_check_set(path: Path, limit: int | None = None) -> list[dict]:
             out.append({"id": r.get("id", str(n)), "prompt": r["prompt"], "principle": p,
                         "a": r["response_a"], "b": r["response_b"]})
         except Exception as e:  # noqa: BLE001 - any malformed record becomes one clear line
-            raise CLIError(f"{path}: record {n}: not a flip pair ({type(e).__name__}: {e})"[:300]) from None
+            raise UserError(f"{path}: record {n}: not a flip pair ({type(e).__name__}: {e})"[:300]) from None
     if limit and limit < len(out):
         # Evenly spaced, not the first N: the file is grouped by principle, and a check on the first
         # few records would measure one principle only.
@@ -376,7 +376,7 @@ def evaluate_source(judge: PairJudge, checks: Sequence[dict]) -> dict[str, Any]:
 
 
 def compare_sources(cfg: JudgeConfig, model_cache: dict | None = None) -> dict[str, Any]:
-    """Both label sources on the check set (the contrastive one needs rm_service.scorers)."""
+    """Both label sources on the check set (the contrastive one needs rm_core.scorers)."""
     path = check_set_path(cfg)
     checks = load_check_set(path, cfg.check_limit)
     cache = model_cache if model_cache is not None else {}

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from salmon.atomic import JsonlError, read_jsonl
-from salmon.cli import CLIError
+from salmon.errors import UserError
 
 PROMPT_TYPES = ("general", "reasoning", "redteam")
 
@@ -48,25 +48,25 @@ def prompt_id(prompt: Any) -> str:
 
 def _check_prompt(rec: Any, where: str) -> dict:
     if not isinstance(rec, dict):
-        raise CLIError(f"{where}: expected a JSON object with a 'prompt' field, got {type(rec).__name__}")
+        raise UserError(f"{where}: expected a JSON object with a 'prompt' field, got {type(rec).__name__}")
     prompt = rec.get("prompt")
     if isinstance(prompt, str):
         if not prompt.strip():
-            raise CLIError(f"{where}: 'prompt' is empty")
+            raise UserError(f"{where}: 'prompt' is empty")
     elif isinstance(prompt, list):
         if not prompt or not all(isinstance(m, dict) and isinstance(m.get("content"), str)
                                  and m.get("role") in ("system", "user", "assistant") for m in prompt):
-            raise CLIError(f"{where}: 'prompt' must be a non-empty string or a list of {{role, content}} messages")
+            raise UserError(f"{where}: 'prompt' must be a non-empty string or a list of {{role, content}} messages")
         if prompt[-1]["role"] != "user":
-            raise CLIError(f"{where}: a message-list prompt must end with a user message")
+            raise UserError(f"{where}: a message-list prompt must end with a user message")
     else:
-        raise CLIError(f"{where}: 'prompt' is missing or not a string / message list")
+        raise UserError(f"{where}: 'prompt' is missing or not a string / message list")
     ptype = rec.get("type", "general")
     if ptype not in PROMPT_TYPES:
-        raise CLIError(f"{where}: 'type' is {ptype!r}; use one of {', '.join(PROMPT_TYPES)}")
+        raise UserError(f"{where}: 'type' is {ptype!r}; use one of {', '.join(PROMPT_TYPES)}")
     pid = rec.get("id")
     if pid is not None and (not isinstance(pid, str) or not pid):
-        raise CLIError(f"{where}: 'id' must be a non-empty string")
+        raise UserError(f"{where}: 'id' must be a non-empty string")
     return {"id": pid or prompt_id(prompt), "prompt": prompt, "type": ptype}
 
 
@@ -76,18 +76,18 @@ def load_prompts(path: str | Path | None = None, limit: int | None = None) -> li
     try:
         raw = read_jsonl(path)
     except JsonlError as e:
-        raise CLIError(str(e)) from None
+        raise UserError(str(e)) from None
     # Line numbers: read_jsonl skips blank lines, so map records back to their physical lines.
     lines = [n for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
     out, seen = [], {}
     for rec, line in zip(raw, lines, strict=True):
         p = _check_prompt(rec, f"{path}:{line}")
         if p["id"] in seen:
-            raise CLIError(f"{path}:{line}: id {p['id']!r} already used on line {seen[p['id']]}")
+            raise UserError(f"{path}:{line}: id {p['id']!r} already used on line {seen[p['id']]}")
         seen[p["id"]] = line
         out.append(p)
     if not out:
-        raise CLIError(f"{path}: no prompts (the file is empty)")
+        raise UserError(f"{path}: no prompts (the file is empty)")
     return out[:limit] if limit else out
 
 

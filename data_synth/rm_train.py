@@ -29,7 +29,7 @@ import torch
 
 from principles.schema import Principle
 from salmon.atomic import JsonlError, file_sha256, read_jsonl
-from salmon.cli import CLIError
+from salmon.errors import UserError
 
 from .config import TrainConfig
 from .shards import stable_hash
@@ -45,11 +45,11 @@ def load_rm_rows(path: str | Path) -> list[dict]:
     try:
         rows = read_jsonl(path)
     except JsonlError as e:
-        raise CLIError(str(e)) from None
+        raise UserError(str(e)) from None
     for n, r in enumerate(rows, 1):
         missing = [k for k in REQUIRED if not isinstance(r, dict) or k not in r]
         if missing:
-            raise CLIError(f"{path}: record {n}: missing field(s) {', '.join(missing)} "
+            raise UserError(f"{path}: record {n}: missing field(s) {', '.join(missing)} "
                            "(expected an aggregate output row)")
     return rows
 
@@ -145,8 +145,8 @@ def train_reward_model(train_path: str | Path, eval_path: str | Path | None, cfg
     from transformers.utils import logging as hf_logging
     from trl import RewardConfig, RewardTrainer
 
-    from rm_service.registry import Registry
-    from rm_service.render import PROMPT_FORMAT_VERSION, Renderer
+    from rm_core.registry import Registry
+    from rm_core.render import PROMPT_FORMAT_VERSION, Renderer
     from salmon.modeling import (
         ModelOptions,
         load_sequence_classifier,
@@ -159,12 +159,12 @@ def train_reward_model(train_path: str | Path, eval_path: str | Path | None, cfg
     train_rows = load_rm_rows(train_path)
     eval_rows = load_rm_rows(eval_path) if eval_path and Path(eval_path).is_file() else []
     if not train_rows:
-        raise CLIError(f"{train_path}: no training pairs")
+        raise UserError(f"{train_path}: no training pairs")
     tok = load_tokenizer(cfg.base_model)
     renderer = Renderer(tok)
     rendered, too_long = render_dataset(renderer, train_rows, cfg.max_length)
     if not rendered:
-        raise CLIError(f"{train_path}: every pair renders longer than max_length={cfg.max_length}")
+        raise UserError(f"{train_path}: every pair renders longer than max_length={cfg.max_length}")
     registry = Registry(cfg.registry)
     parent = registry.current()
 
@@ -174,7 +174,7 @@ def train_reward_model(train_path: str | Path, eval_path: str | Path | None, cfg
     if cfg.init_from == "parent" and parent:
         pm = registry.manifest(parent)
         if pm.base_model != cfg.base_model:
-            raise CLIError(f"init_from parent: CURRENT {parent} was trained on {pm.base_model!r}, not {cfg.base_model!r}")
+            raise UserError(f"init_from parent: CURRENT {parent} was trained on {pm.base_model!r}, not {cfg.base_model!r}")
         model = PeftModel.from_pretrained(model, registry.path(parent) / (pm.adapter or "adapter"), is_trainable=True)
     else:
         peft_config = LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,

@@ -21,7 +21,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from salmon.atomic import atomic_write_json, atomic_write_text, file_sha256, jsonl_dumps, read_jsonl
-from salmon.cli import CLIError
+from salmon.errors import UserError
 
 MANIFEST = "manifest.json"
 SUMMARY = "summary.json"
@@ -62,9 +62,9 @@ class ShardedStage:
         try:
             m = json.loads(self.manifest_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CLIError(f"{self.manifest_path}: not a valid stage manifest; move the directory away and rerun") from None
+            raise UserError(f"{self.manifest_path}: not a valid stage manifest; move the directory away and rerun") from None
         if m.get("stage") != self.stage or m.get("fingerprint") != self.fingerprint_hash:
-            raise CLIError(
+            raise UserError(
                 f"{self.out_dir} holds {m.get('stage')!r} output made from different inputs or settings "
                 f"(fingerprint {m.get('fingerprint')} != {self.fingerprint_hash}); use another output directory"
             )
@@ -121,10 +121,10 @@ def iter_stage(out_dir: str | Path) -> Iterator[dict]:
     out_dir = Path(out_dir)
     mpath = out_dir / MANIFEST
     if not mpath.is_file():
-        raise CLIError(f"{out_dir}: no {MANIFEST}; run the stage that writes it first")
+        raise UserError(f"{out_dir}: no {MANIFEST}; run the stage that writes it first")
     m = json.loads(mpath.read_text())
     if not m.get("complete"):
-        raise CLIError(f"{out_dir}: stage {m.get('stage')!r} is unfinished; rerun it to resume")
+        raise UserError(f"{out_dir}: stage {m.get('stage')!r} is unfinished; rerun it to resume")
     for name in sorted(m["done"]):
         yield from read_jsonl(out_dir / name)
 

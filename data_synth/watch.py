@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from salmon.atomic import JsonlError, atomic_write_json, atomic_write_jsonl, read_jsonl
-from salmon.cli import CLIError
+from salmon.errors import UserError
 
 from .config import WatchConfig
 from .sample import make_pairs
@@ -34,7 +34,7 @@ STATE = "state.json"
 def rollout_shards(root: Path) -> list[Path]:
     """Finished rollout shards (atomic renames: only complete files carry the final name)."""
     if not root.is_dir():
-        raise CLIError(f"{root}: rollouts directory not found")
+        raise UserError(f"{root}: rollouts directory not found")
     return sorted(p for p in root.glob("*/step-*.jsonl") if p.is_file())
 
 
@@ -43,12 +43,12 @@ def pairs_from_rollouts(path: Path, min_chars: int, max_pairs_per_group: int,
     try:
         records = read_jsonl(path)
     except JsonlError as e:
-        raise CLIError(str(e)) from None
+        raise UserError(str(e)) from None
     groups: OrderedDict[tuple, list[dict]] = OrderedDict()
     for n, r in enumerate(records, 1):
         missing = [k for k in ROLLOUT_FIELDS if not isinstance(r, dict) or k not in r]
         if missing:
-            raise CLIError(f"{path}: record {n}: missing field(s) {', '.join(missing)}")
+            raise UserError(f"{path}: record {n}: missing field(s) {', '.join(missing)}")
         groups.setdefault((r["run_id"], r["step"], r["prompt_id"]), []).append(r)
     pairs = []
     for (run_id, step, pid), recs in groups.items():

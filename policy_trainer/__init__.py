@@ -7,7 +7,7 @@ Public API (imported lazily, so `salmon train --help` does not load torch)::
     result = run_training(load_run_config("run.yaml"))   # -> RunResult
     result.summary["reward_wait_share"], result.report_png, result.rollouts_dir
 
-``run_training`` raises ``salmon.cli.CLIError`` for bad input and ``TrainingAborted`` (with
+``run_training`` raises ``salmon.errors.UserError`` for bad input and ``TrainingAborted`` (with
 ``.checkpoint``) when the reward service stays unreachable past the retry budget.
 
 Parts shared by all three algorithms: config, rm_client (the one HTTP client), principles_select

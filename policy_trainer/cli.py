@@ -9,10 +9,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from salmon.cli import CLIError
-
-EXIT_SERVICE_UNAVAILABLE = 3
-
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="salmon train", description=__doc__,
@@ -51,13 +47,9 @@ def main(argv: list[str] | None = None) -> int:
 
         print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
         return 0
-    from policy_trainer.train import TrainingAborted, run_training
+    from policy_trainer.train import run_training
 
-    try:
-        result = run_training(cfg)
-    except TrainingAborted as e:
-        print(f"salmon train: error: {e}", file=sys.stderr)
-        return EXIT_SERVICE_UNAVAILABLE
+    result = run_training(cfg)  # TrainingAborted (exit 3) and UserError (exit 2) are mapped by salmon_cli
     s = result.summary
     share = s.get("reward_wait_share")
     print(f"salmon train: {result.algorithm} run {result.run_id} finished at step {result.global_step}; "
@@ -65,5 +57,3 @@ def main(argv: list[str] | None = None) -> int:
           f"report {result.report_json}")
     return 0
 
-
-__all__ = ["main", "CLIError"]

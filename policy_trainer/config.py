@@ -257,7 +257,7 @@ def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def load_run_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """RunConfig from YAML (or defaults) with dotted ``overrides``; errors are one line (CLIError)."""
+    """RunConfig from YAML (or defaults) with dotted ``overrides``; errors are one line (UserError)."""
     data = load_yaml(path) if path else {}
     if isinstance(data, dict):
         for k, v in (overrides or {}).items():

@@ -13,7 +13,7 @@ from typing import Any
 
 from policy_trainer.config import DataConfig
 from salmon.atomic import JsonlError, read_jsonl
-from salmon.cli import CLIError
+from salmon.errors import UserError
 
 PROMPT_TYPES = ("general", "reasoning", "redteam")
 
@@ -31,23 +31,23 @@ def default_prompts_path() -> Path:
     try:
         return Path(str(resources.files("data_synth") / "data" / "prompts.jsonl"))
     except ModuleNotFoundError:
-        raise CLIError("data.prompts is not set and data_synth's shipped prompts are not installed; "
+        raise UserError("data.prompts is not set and data_synth's shipped prompts are not installed; "
                        "give data.prompts: a JSONL of {id, prompt, type}") from None
 
 
 def _messages(prompt: Any, where: str, system: str | None) -> list[dict[str, str]]:
     if isinstance(prompt, str):
         if not prompt.strip():
-            raise CLIError(f"{where}: field 'prompt' is empty")
+            raise UserError(f"{where}: field 'prompt' is empty")
         msgs = [{"role": "user", "content": prompt}]
     elif isinstance(prompt, list) and prompt and all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
             for m in prompt):
         msgs = [{"role": m["role"], "content": m["content"]} for m in prompt]
         if msgs[-1]["role"] != "user":
-            raise CLIError(f"{where}: field 'prompt' must end with a user message (the policy answers it)")
+            raise UserError(f"{where}: field 'prompt' must end with a user message (the policy answers it)")
     else:
-        raise CLIError(f"{where}: field 'prompt' must be text or a list of {{role, content}} messages")
+        raise UserError(f"{where}: field 'prompt' must be text or a list of {{role, content}} messages")
     if system and msgs[0]["role"] != "system":
         msgs = [{"role": "system", "content": system}, *msgs]
     return msgs
@@ -58,17 +58,17 @@ def load_prompt_rows(cfg: DataConfig) -> list[dict[str, Any]]:
     try:
         records = read_jsonl(path)
     except JsonlError as e:
-        raise CLIError(f"data.prompts: {e}") from None
+        raise UserError(f"data.prompts: {e}") from None
     rows = []
     for n, rec in enumerate(records, 1):
         where = f"{path}:{n}"
         if not isinstance(rec, dict):
-            raise CLIError(f"{where}: expected an object with 'prompt'")
+            raise UserError(f"{where}: expected an object with 'prompt'")
         if "prompt" not in rec:
-            raise CLIError(f"{where}: field 'prompt' is required")
+            raise UserError(f"{where}: field 'prompt' is required")
         ptype = rec.get("type") or "general"
         if not isinstance(ptype, str):
-            raise CLIError(f"{where}: field 'type' must be one of {', '.join(PROMPT_TYPES)}")
+            raise UserError(f"{where}: field 'type' must be one of {', '.join(PROMPT_TYPES)}")
         if cfg.types and ptype not in cfg.types:
             continue
         rows.append({"prompt": _messages(rec["prompt"], where, cfg.system_prompt),
@@ -76,7 +76,7 @@ def load_prompt_rows(cfg: DataConfig) -> list[dict[str, Any]]:
         if cfg.max_prompts and len(rows) >= cfg.max_prompts:
             break
     if not rows:
-        raise CLIError(f"data.prompts: {path} has no prompts" + (f" of types {cfg.types}" if cfg.types else ""))
+        raise UserError(f"data.prompts: {path} has no prompts" + (f" of types {cfg.types}" if cfg.types else ""))
     return rows
 
 

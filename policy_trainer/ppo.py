@@ -49,7 +49,7 @@ from policy_trainer import ppo_math as pm
 from policy_trainer.config import LoraSettings, RunConfig
 from policy_trainer.rewards import ServiceReward, ShapingReward
 from salmon.atomic import fsync_dir
-from salmon.cli import CLIError
+from salmon.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -112,16 +112,16 @@ class PPOTrainer:
 
         t, p = cfg.training, cfg.ppo
         if not cfg.policy.lora.enabled:
-            raise CLIError("policy.lora.enabled: ppo trains LoRA adapters (policy and value on one base); "
+            raise UserError("policy.lora.enabled: ppo trains LoRA adapters (policy and value on one base); "
                            "set it to true")
         if cfg.generation.use_vllm:
-            raise CLIError("generation.use_vllm: ppo generates with HF generate (TRL's vLLM path is wired "
+            raise UserError("generation.use_vllm: ppo generates with HF generate (TRL's vLLM path is wired "
                            "into its own trainers); set it to false or use algorithm: grpo")
         if cfg.distributed.deepspeed:
-            raise CLIError("distributed.deepspeed: ppo runs in one process in this version")
+            raise UserError("distributed.deepspeed: ppo runs in one process in this version")
         self.batch_size = t.per_device_train_batch_size * t.gradient_accumulation_steps
         if self.batch_size % p.num_minibatches:
-            raise CLIError(f"ppo.num_minibatches: {p.num_minibatches} does not divide the rollout batch "
+            raise UserError(f"ppo.num_minibatches: {p.num_minibatches} does not divide the rollout batch "
                            f"(per_device_train_batch_size * gradient_accumulation_steps = {self.batch_size})")
         self.cfg, self.reward, self.shaping = cfg, reward, shaping
         self.callbacks = list(callbacks or [])
@@ -136,7 +136,7 @@ class PPOTrainer:
             prec = "bf16" if torch.cuda.is_available() and not use_cpu and torch.cuda.is_bf16_supported() else "fp32"
         self.accelerator = Accelerator(cpu=use_cpu, mixed_precision={"fp32": "no"}.get(prec, prec))
         if self.accelerator.num_processes > 1:
-            raise CLIError("ppo runs in one process in this version; launch it without accelerate/torchrun")
+            raise UserError("ppo runs in one process in this version; launch it without accelerate/torchrun")
         device = self.accelerator.device
 
         set_seed(t.seed)  # LoRA A matrices and the data order depend on it
@@ -170,7 +170,7 @@ class PPOTrainer:
         self.value_params += list(self.value_head.parameters())
         self.trainable = self.policy_params + self.value_params
         if not self.policy_params or len(self.value_params) <= 2:
-            raise CLIError("policy.lora.target_modules: no module of the policy matched; no adapter to train")
+            raise UserError("policy.lora.target_modules: no module of the policy matched; no adapter to train")
         opt = torch.optim.AdamW([
             {"params": self.policy_params, "lr": t.learning_rate},
             {"params": self.value_params, "lr": p.value_learning_rate or t.learning_rate}], eps=1e-5)
@@ -206,7 +206,7 @@ class PPOTrainer:
         from peft import LoraConfig
         from safetensors.torch import load_file
 
-        from rm_service.registry import Registry, RegistryError
+        from rm_core.registry import Registry, RegistryError
         from salmon.modeling import ModelSourceError, resolve_model_dir
 
         reg = Registry(vi.registry)
@@ -217,12 +217,12 @@ class PPOTrainer:
             manifest = reg.manifest(version, verify=True)
             base = resolve_model_dir(manifest.base_model)
         except (RegistryError, ModelSourceError) as e:
-            raise CLIError(f"ppo.value_init: {e}") from None
+            raise UserError(f"ppo.value_init: {e}") from None
         if base.resolve() != Path(model_dir).resolve():
-            raise CLIError(f"ppo.value_init: {version} was trained on {manifest.base_model!r}, not on the policy "
+            raise UserError(f"ppo.value_init: {version} was trained on {manifest.base_model!r}, not on the policy "
                            f"{self.cfg.policy.model!r}; the value adapter must fit the policy's base")
         if not manifest.adapter:
-            raise CLIError(f"ppo.value_init: {version} has no adapter to initialise from")
+            raise UserError(f"ppo.value_init: {version} has no adapter to initialise from")
         adir = reg.path(version) / manifest.adapter
         saved = LoraConfig.from_pretrained(str(adir))
         weights = load_file(str(adir / "adapter_model.safetensors"))
@@ -240,10 +240,10 @@ class PPOTrainer:
         res = set_peft_model_state_dict(self.model, lora, adapter_name="value")
         unexpected = [k for k in res.unexpected_keys if "lora_" in k]
         if unexpected:
-            raise CLIError(f"ppo.value_init: {manifest.version} does not fit the policy ({unexpected[0]} ...)")
+            raise UserError(f"ppo.value_init: {manifest.version} does not fit the policy ({unexpected[0]} ...)")
         w = next((v for k, v in head.items() if k.endswith("weight")), None)
         if w is None or w.shape[-1] != self.value_head.in_features:
-            raise CLIError(f"ppo.value_init: {manifest.version} has no scalar head of size "
+            raise UserError(f"ppo.value_init: {manifest.version} has no scalar head of size "
                            f"{self.value_head.in_features}")
         # The service returns (raw - mean) / std * rm_scale; fold that into the head so the initial
         # values speak the reward's units.
@@ -535,7 +535,7 @@ class PPOTrainer:
             res = set_peft_model_state_dict(self.model, load_file(str(ckpt / name / "adapter_model.safetensors")),
                                             adapter_name=name)
             if any("lora_" in k for k in res.unexpected_keys):
-                raise CLIError(f"{ckpt}: the {name} adapter does not fit this config (policy.lora / ppo.value_lora)")
+                raise UserError(f"{ckpt}: the {name} adapter does not fit this config (policy.lora / ppo.value_lora)")
         self.value_head.load_state_dict(load_file(str(ckpt / VALUE_HEAD_FILE)))
         opt = torch.load(ckpt / "optimizer.pt", weights_only=True, map_location=self.accelerator.device)
         self.optimizer.load_state_dict(opt["optimizer"])

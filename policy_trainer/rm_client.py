@@ -29,6 +29,7 @@ import httpx
 
 from policy_trainer.config import RetryConfig
 from principles.schema import PrincipleSet, parse_principle_set
+from salmon.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 RETRY_EXCEPTIONS = (httpx.TransportError,)  # connect/read/write errors, timeouts, protocol errors
 
 
-class RewardServiceError(RuntimeError):
+class RewardServiceError(Unavailable):
     """The reward service could not score a batch; the message names the URL and the last error."""
 
     def __init__(self, url: str, message: str, *, retryable: bool = True, attempts: int = 0,

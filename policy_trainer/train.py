@@ -40,14 +40,14 @@ from policy_trainer.rollouts import RolloutWriter
 from policy_trainer.shaping import RunningNormalizer
 from principles.schema import NAME_RE, PrincipleSet, PrincipleSetError, load_principle_set
 from salmon.atomic import atomic_write_json
-from salmon.cli import CLIError
+from salmon.errors import Unavailable, UserError
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "salmon_state.json"
 
 
-class TrainingAborted(RuntimeError):
+class TrainingAborted(Unavailable):
     """The run stopped because the reward service stayed unreachable; a checkpoint was saved."""
 
     def __init__(self, message: str, *, url: str, checkpoint: Path | None, global_step: int):
@@ -92,12 +92,12 @@ class SetResolver:
         except PrincipleSetError as e:
             bare = NAME_RE.match(source) and not Path(source).suffix and "/" not in source
             if not (bare and self.cfg.reward.protocol == "salmon"):
-                raise CLIError(f"{field_name}: {e}") from None
+                raise UserError(f"{field_name}: {e}") from None
             try:
                 pset = await self.client.fetch_set(source)
             except RewardServiceError as e2:
                 if e2.status == 404:
-                    raise CLIError(f"{field_name}: {e}; nor is {source!r} registered on {self.cfg.reward.url}") from None
+                    raise UserError(f"{field_name}: {e}; nor is {source!r} registered on {self.cfg.reward.url}") from None
                 raise
         if self.cfg.reward.register_sets and self.cfg.reward.protocol == "salmon":
             await self.client.register_set(pset)
@@ -209,7 +209,7 @@ def _checkpoint_step(ckpt: Path) -> int:
 
 
 def run_training(config: RunConfig, *, callbacks: list[TrainerCallback] | None = None) -> RunResult:
-    """Run RL as ``config`` says. Raises CLIError for bad input, TrainingAborted when the reward
+    """Run RL as ``config`` says. Raises UserError for bad input, TrainingAborted when the reward
     service stays away past the retry budget (after saving a checkpoint to resume from)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # salmon never downloads; fail instead of fetching
     from salmon.modeling import ModelSourceError, load_tokenizer, resolve_model_dir
@@ -217,7 +217,7 @@ def run_training(config: RunConfig, *, callbacks: list[TrainerCallback] | None =
     cfg = config
     if cfg.generation.use_vllm and importlib.util.find_spec("vllm") is None:
         # Checked here, not when validating: a GPU config must still validate on a CPU laptop.
-        raise CLIError("generation.use_vllm: vllm is not installed (pip install vllm on the GPU machine)")
+        raise UserError("generation.use_vllm: vllm is not installed (pip install vllm on the GPU machine)")
     if cfg.distributed.num_threads:
         import torch
 
@@ -228,7 +228,7 @@ def run_training(config: RunConfig, *, callbacks: list[TrainerCallback] | None =
     try:
         model_dir = resolve_model_dir(cfg.policy.model)
     except ModelSourceError as e:
-        raise CLIError(f"policy.model: {e}") from None
+        raise UserError(f"policy.model: {e}") from None
 
     render_query = None
     if cfg.reward.protocol == "openrlhf":
@@ -245,7 +245,7 @@ def run_training(config: RunConfig, *, callbacks: list[TrainerCallback] | None =
         timeline, selector = asyncio.run(_setup(cfg, client))
     except RewardServiceError as e:
         if not e.retryable:  # a wrong key, path or set: the user fixes the config
-            raise CLIError(f"reward.url: {e}") from None
+            raise UserError(f"reward.url: {e}") from None
         raise TrainingAborted(f"{e}; no step had run", url=e.url, checkpoint=None, global_step=0) from e
 
     from policy_trainer.data import load_prompt_dataset

@@ -30,6 +30,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from salmon.config import format_validation_error, yaml_error_line
+from salmon.errors import UserError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MAX_DEFINITION_CHARS = 2000
@@ -37,7 +38,7 @@ MAX_PRINCIPLES = 64
 HASH_LEN = 12
 
 
-class PrincipleSetError(ValueError):
+class PrincipleSetError(UserError):
     """A principle set that does not validate; the message names the file, the field and the fix."""
 
 
@@ -55,7 +56,7 @@ class Principle(BaseModel):
     negative_definition: str | None = Field(
         default=None,
         description="What a response that violates it does. Used when the principle is negated; "
-        "a principle without one cannot be negated (see rm_service.render).",
+        "a principle without one cannot be negated (see rm_core.render).",
     )
     weight: float = Field(default=1.0, ge=0, description="Sampling weight for RL-time principle selection.")
     tags: tuple[str, ...] = Field(default=(), description="e.g. general, reasoning, redteam.")

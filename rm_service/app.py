@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rm_service.api import router
-from rm_service.errors import SalmonError
+from rm_service.errors import ServiceError
 from rm_service.serving import ScoreService
 from rm_service.settings import ServiceSettings
 
@@ -121,8 +121,8 @@ def create_app(settings: ServiceSettings | None = None, service: ScoreService | 
     app.state.service = service
     app.include_router(router)
 
-    @app.exception_handler(SalmonError)
-    async def _salmon_error(request: Request, exc: SalmonError):
+    @app.exception_handler(ServiceError)
+    async def _salmon_error(request: Request, exc: ServiceError):
         return JSONResponse(error_body(exc.status, exc.type, exc.message, exc.param), status_code=exc.status,
                             headers=exc.headers)
 

@@ -18,9 +18,9 @@ from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+from rm_core.scorers import Prepared, combine_values
 from rm_service.errors import Overloaded
 from rm_service.metrics import Metrics
-from rm_service.scorers import Prepared, combine_values
 
 log = logging.getLogger(__name__)
 

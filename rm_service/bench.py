@@ -61,7 +61,7 @@ from collections import defaultdict
 from datetime import UTC, datetime
 from pathlib import Path
 
-from salmon.cli import CLIError
+from salmon.errors import UserError
 
 log = logging.getLogger("salmon.bench")
 
@@ -136,15 +136,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     for name in ("prompts", "generations", "rounds", "prefix_tokens", "min_response_tokens", "max_batch_tokens"):
         if getattr(args, name) < 1:
-            raise CLIError(f"--{name.replace('_', '-')} must be at least 1")
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     if args.max_response_tokens < args.min_response_tokens:
-        raise CLIError("--max-response-tokens must be at least --min-response-tokens")
+        raise UserError("--max-response-tokens must be at least --min-response-tokens")
     if args.threads is not None and args.threads < 1:
-        raise CLIError("--threads must be at least 1")
+        raise UserError("--threads must be at least 1")
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     bad = [c for c in configs if c not in CONFIGS]
     if bad or not configs:
-        raise CLIError(f"--configs: unknown {bad}; choose from {', '.join(CONFIGS)}")
+        raise UserError(f"--configs: unknown {bad}; choose from {', '.join(CONFIGS)}")
     args.configs = [c for c in CONFIGS if c in configs]
     return args
 
@@ -154,7 +154,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def build_principles(renderer, target_tokens: int) -> tuple[list, int]:
     """Shipped principles in POOL_ORDER until the system segment reaches ``target_tokens``."""
     from principles.schema import Principle, load_builtin_sets
-    from rm_service.render import principle_block
+    from rm_core.render import principle_block
 
     sets = load_builtin_sets()
     pool, seen = [], set()
@@ -227,8 +227,8 @@ def limit_logprobs(scorer, seqs, block_kv: dict, cascade: bool) -> tuple[list[fl
     Returns the values and the number of tokens run."""
     import torch
 
-    from rm_service.prefix_cache import extend_prefix, suffix_hidden_states
-    from rm_service.scorers import LOGIT_CHUNK
+    from rm_core.prefix_cache import extend_prefix, suffix_hidden_states
+    from rm_core.scorers import LOGIT_CHUNK
 
     by_block: dict = defaultdict(lambda: defaultdict(list))
     for i, s in enumerate(seqs):
@@ -368,7 +368,7 @@ def _emit(obj: dict) -> None:
 
 
 def _load_scorer(spec: dict):
-    from rm_service.scorers import load_zero_shot
+    from rm_core.scorers import load_zero_shot
     from salmon.modeling import ModelOptions
 
     return load_zero_shot(spec["scorer"], spec["model"], ModelOptions(dtype=spec["dtype"], device=spec["device"]),
@@ -393,8 +393,8 @@ def _worker(config: str, spec_path: str) -> int:
     principles = list(load_principle_set(spec["set_path"]).principles)
     wl = spec["workload"]
     if config == "limit":
-        from rm_service.prefix_cache import PrefixCache
-        from rm_service.scorers import combine_values
+        from rm_core.prefix_cache import PrefixCache
+        from rm_core.scorers import combine_values
 
         scorer = _load_scorer(spec)
         cascade = PrefixCache(attention=spec["prefix_attention"]).uses_cascade(scorer)
@@ -472,7 +472,7 @@ class _Worker:
             if not line:
                 self.proc.wait(timeout=30)
                 tail = self.log_path.read_text(errors="replace")[-2000:]
-                raise CLIError(f"the {self.config} worker exited (code {self.proc.returncode}) without a result; "
+                raise UserError(f"the {self.config} worker exited (code {self.proc.returncode}) without a result; "
                                f"its log ends:\n{tail}")
             line = line.strip()
             if line.startswith("{"):
@@ -509,7 +509,7 @@ async def _drive(url: str, workload: dict, timeout_s: float) -> dict:
         resp = await client.post(url + "/v1/score", json=body)
         dt = time.perf_counter() - t0
         if resp.status_code != 200:
-            raise CLIError(f"{url}/v1/score answered {resp.status_code}: {resp.text[:500]}")
+            raise UserError(f"{url}/v1/score answered {resp.status_code}: {resp.text[:500]}")
         return dt, resp.json()
 
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
@@ -744,13 +744,13 @@ def append_markdown(path: Path, text: str) -> None:
 def main(argv: list[str]) -> int:
     args = parse_args(argv[1:])
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from rm_service.render import Renderer
+    from rm_core.render import Renderer
     from salmon.modeling import ModelSourceError, load_tokenizer
 
     try:
         tok = load_tokenizer(args.model)
     except (ModelSourceError, OSError) as e:
-        raise CLIError(str(e)) from None
+        raise UserError(str(e)) from None
     renderer = Renderer(tok)
     principles, block_tokens = build_principles(renderer, args.prefix_tokens)
     workload = build_workload(tok, args)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from salmon.cli import CLIError
 from salmon.config import format_validation_error, load_yaml
+from salmon.errors import UserError
 
 
 def _settings_args(p: argparse.ArgumentParser) -> None:
@@ -32,7 +32,7 @@ def build_settings(args: argparse.Namespace, **extra):
 
     data = load_yaml(args.config) if getattr(args, "config", None) else {}
     if not isinstance(data, dict):
-        raise CLIError(f"{args.config}: expected a mapping of settings at the top level, got {type(data).__name__}")
+        raise UserError(f"{args.config}: expected a mapping of settings at the top level, got {type(data).__name__}")
     keys = ["scorer", "model", "registry", "default_principle_set", "contrast", "prefix_cache",
             "max_batch_tokens", "dtype", "device", "host", "port", "insecure"]
     for k in keys:
@@ -43,7 +43,7 @@ def build_settings(args: argparse.Namespace, **extra):
     try:
         return ServiceSettings(**data)
     except ValidationError as e:
-        raise CLIError(format_validation_error(e, args.config or "settings")) from None
+        raise UserError(format_validation_error(e, args.config or "settings")) from None
 
 
 def serve(argv: list[str]) -> int:
@@ -57,7 +57,7 @@ def serve(argv: list[str]) -> int:
     args = p.parse_args(argv)
     st = build_settings(args)
     if not st.is_loopback and st.api_key is None and not st.insecure:
-        raise CLIError(f"refusing to bind {st.host} without an API key: set SALMON_API_KEY (and SALMON_ADMIN_KEY), "
+        raise UserError(f"refusing to bind {st.host} without an API key: set SALMON_API_KEY (and SALMON_ADMIN_KEY), "
                        "or pass --insecure if the network is trusted")
     import uvicorn
 
@@ -68,7 +68,7 @@ def serve(argv: list[str]) -> int:
     try:
         app = create_app(st)
     except PrincipleSetError as e:
-        raise CLIError(f"{args.config or 'settings'}: {e}") from None
+        raise UserError(f"{args.config or 'settings'}: {e}") from None
     uvicorn.run(app, host=st.host, port=st.port, log_level=args.log_level, timeout_graceful_shutdown=10)
     return 0
 
@@ -108,7 +108,7 @@ def check(argv: list[str]) -> int:
     p.add_argument("--out", help="write the report JSON here")
     p.add_argument("--limit", type=int, help="only the first N pairs")
     args = p.parse_args(argv)
-    from rm_service.checkset import DEFAULT_CHECK_SET, run_check
+    from rm_core.checkset import DEFAULT_CHECK_SET, run_check
 
     report = run_check(args.model, Path(args.check_set) if args.check_set else DEFAULT_CHECK_SET,
                        [s.strip() for s in args.scorers.split(",") if s.strip()], registry=args.registry,

@@ -1,9 +1,12 @@
-"""Typed service errors and the ONE table that maps them to HTTP status codes."""
+"""The service's errors: the ground floor's hierarchy (salmon.errors) with the ONE table that maps
+them to HTTP status codes."""
 
 from __future__ import annotations
 
+from salmon.errors import SalmonError
 
-class SalmonError(Exception):
+
+class ServiceError(SalmonError):
     status = 500
     type = "internal_error"
 
@@ -14,48 +17,48 @@ class SalmonError(Exception):
         self.headers = headers or {}
 
 
-class InvalidRequest(SalmonError):
+class InvalidRequest(ServiceError):
     status, type = 422, "invalid_request"
 
 
-class Unauthorized(SalmonError):
+class Unauthorized(ServiceError):
     status, type = 401, "unauthorized"
 
     def __init__(self, message: str):
         super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
 
 
-class Forbidden(SalmonError):
+class Forbidden(ServiceError):
     status, type = 403, "forbidden"
 
 
-class NotFound(SalmonError):
+class NotFound(ServiceError):
     status, type = 404, "not_found"
 
 
-class Conflict(SalmonError):
+class Conflict(ServiceError):
     status, type = 409, "conflict"
 
 
-class PayloadTooLarge(SalmonError):
+class PayloadTooLarge(ServiceError):
     status, type = 413, "payload_too_large"
 
 
-class Overloaded(SalmonError):
+class Overloaded(ServiceError):
     status, type = 429, "overloaded"
 
     def __init__(self, message: str, retry_after_s: float = 1.0):
         super().__init__(message, headers={"Retry-After": str(max(1, round(retry_after_s)))})
 
 
-class NotReady(SalmonError):
+class NotReady(ServiceError):
     status, type = 503, "not_ready"
 
     def __init__(self, message: str, retry_after_s: float = 2.0):
         super().__init__(message, headers={"Retry-After": str(max(1, round(retry_after_s)))})
 
 
-class ScoringFailed(SalmonError):
+class ScoringFailed(ServiceError):
     """The model failed on valid input (e.g. out of memory): a server-side fault, not the client's."""
 
     status, type = 500, "scoring_failed"

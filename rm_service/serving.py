@@ -21,10 +21,13 @@ from principles.schema import (
     load_principle_set,
     parse_principle_set,
 )
+from rm_core.prefix_cache import PrefixCache
+from rm_core.registry import Registry, RegistryError
+from rm_core.render import PROMPT_FORMAT_VERSION, RenderError
+from rm_core.scorers import Prepared, RuleScorer, Scorer, load_trained, load_zero_shot
 from rm_service.batcher import Batcher
 from rm_service.errors import Conflict, InvalidRequest, NotFound, NotReady, PayloadTooLarge, ScoringFailed
 from rm_service.metrics import Metrics
-from rm_service.prefix_cache import PrefixCache
 from rm_service.protocol import (
     InlinePrinciple,
     ModelInfo,
@@ -37,9 +40,6 @@ from rm_service.protocol import (
     ScoreResponse,
     Usage,
 )
-from rm_service.registry import Registry, RegistryError
-from rm_service.render import PROMPT_FORMAT_VERSION, RenderError
-from rm_service.scorers import Prepared, RuleScorer, Scorer, load_trained, load_zero_shot
 from rm_service.settings import ServiceSettings
 from salmon.modeling import ModelOptions
 

@@ -14,6 +14,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from salmon.errors import UserError
+
 
 def fsync_dir(path: str | os.PathLike) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -67,7 +69,7 @@ def atomic_write_jsonl(path: str | os.PathLike, records: Iterable[Any]) -> None:
     atomic_write_text(path, jsonl_dumps(records))
 
 
-class JsonlError(ValueError):
+class JsonlError(UserError):
     """A malformed JSONL input; the message names the file and line."""
 
 

@@ -12,7 +12,7 @@ from typing import Any, TypeVar, get_args
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from salmon.cli import CLIError
+from salmon.errors import UserError
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -64,22 +64,22 @@ def load_yaml(path: str | Path) -> Any:
     try:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise CLIError(f"{p}: file not found") from None
+        raise UserError(f"{p}: file not found") from None
     except UnicodeDecodeError:
-        raise CLIError(f"{p}: not UTF-8 text") from None
+        raise UserError(f"{p}: not UTF-8 text") from None
     try:
         return yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise CLIError(f"{p}: {yaml_error_line(e)}") from None
+        raise UserError(f"{p}: {yaml_error_line(e)}") from None
 
 
 def validate_config(model: type[M], data: Any, where: str) -> M:
     if not isinstance(data, dict):
-        raise CLIError(f"{where}: expected a mapping of fields at the top level, got {type(data).__name__}")
+        raise UserError(f"{where}: expected a mapping of fields at the top level, got {type(data).__name__}")
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        raise CLIError(format_validation_error(e, where, model)) from None
+        raise UserError(format_validation_error(e, where, model)) from None
 
 
 def load_config(model: type[M], path: str | Path | None, overrides: dict[str, Any] | None = None) -> M:

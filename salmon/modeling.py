@@ -34,6 +34,8 @@ from typing import Literal
 
 import torch
 
+from salmon.errors import UserError
+
 log = logging.getLogger(__name__)
 
 EMBEDDED = "embedded"
@@ -46,7 +48,7 @@ Attention = Literal["auto", "sdpa", "eager", "flash_attention_2"]
 _convert_lock = threading.Lock()
 
 
-class ModelSourceError(ValueError):
+class ModelSourceError(UserError):
     """A model source that cannot be resolved; the message says what to pass instead."""
 
 

@@ -16,7 +16,7 @@ from data_synth.aggregate import (
 )
 from data_synth.config import AggregateConfig
 from principles.schema import Principle, PrincipleSet
-from salmon.cli import CLIError
+from salmon.errors import UserError
 
 
 def P(name: str, neg: bool = True) -> Principle:
@@ -135,7 +135,7 @@ def test_label_noise_and_rule_overrides_are_off_by_default_and_work_when_on():
 def test_unknown_principle_in_judgments_is_a_clear_error():
     pairs, js = _pairs_and_judgments()
     js[0] = {**js[0], "principle": "nope"}
-    with pytest.raises(CLIError, match="'nope'.*not in the principle set"):
+    with pytest.raises(UserError, match="'nope'.*not in the principle set"):
         aggregate(pairs, js, PSET, AggregateConfig())
 
 

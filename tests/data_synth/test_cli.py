@@ -7,7 +7,7 @@ import json
 import pytest
 
 from data_synth.shards import ShardedStage
-from salmon.cli import main
+from salmon_cli.main import main
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:

@@ -12,7 +12,7 @@ import torch
 from data_synth.config import EndpointConfig
 from data_synth.judge import PREFILL, ContrastiveSource, JudgeLayout, LocalABJudge, OpenAIABJudge
 from principles.schema import Principle
-from salmon.cli import CLIError
+from salmon.errors import UserError
 
 PRINCIPLES = [
     Principle(name="concise", definition="The response is short.", negative_definition="The response is long."),
@@ -147,12 +147,12 @@ def test_unreachable_endpoint_is_one_clear_error_naming_the_url(tiny):
     _, tok = tiny
     url = f"http://127.0.0.1:{free_port()}/v1"
     judge = OpenAIABJudge(EndpointConfig(base_url=url, model="m", timeout_s=2, max_retries=0), tok)
-    with pytest.raises(CLIError, match=f"judge endpoint {url}/completions: unreachable"):
+    with pytest.raises(UserError, match=f"judge endpoint {url}/completions: unreachable"):
         judge.judge_pair(Q, A, B, PRINCIPLES)
 
 
 def test_contrastive_source_is_the_difference_of_the_services_pointwise_scores(tiny):
-    from rm_service.scorers import ContrastiveScorer
+    from rm_core.scorers import ContrastiveScorer
 
     model, tok = tiny
     src = ContrastiveSource(model, tok, name="tiny")

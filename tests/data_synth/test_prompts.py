@@ -15,7 +15,7 @@ from data_synth.prompts import (
     rouge_l,
     shipped_prompts,
 )
-from salmon.cli import CLIError
+from salmon.errors import UserError
 
 
 def write(tmp_path, lines):
@@ -31,15 +31,15 @@ def test_shipped_prompt_set_loads():
 
 def test_bad_prompt_files_name_the_file_and_line(tmp_path):
     ok = json.dumps({"id": "a", "prompt": "hi there"})
-    with pytest.raises(CLIError, match=r"prompts.jsonl:3: not valid JSON"):
+    with pytest.raises(UserError, match=r"prompts.jsonl:3: not valid JSON"):
         load_prompts(write(tmp_path, [ok, "", "{broken"]))
-    with pytest.raises(CLIError, match=r"prompts.jsonl:2: 'prompt' is empty"):
+    with pytest.raises(UserError, match=r"prompts.jsonl:2: 'prompt' is empty"):
         load_prompts(write(tmp_path, [ok, json.dumps({"prompt": "  "})]))
-    with pytest.raises(CLIError, match=r"prompts.jsonl:2: 'type' is 'poem'"):
+    with pytest.raises(UserError, match=r"prompts.jsonl:2: 'type' is 'poem'"):
         load_prompts(write(tmp_path, [ok, json.dumps({"prompt": "x", "type": "poem"})]))
-    with pytest.raises(CLIError, match=r"prompts.jsonl:2: id 'a' already used on line 1"):
+    with pytest.raises(UserError, match=r"prompts.jsonl:2: id 'a' already used on line 1"):
         load_prompts(write(tmp_path, [ok, ok]))
-    with pytest.raises(CLIError, match=r"prompts.jsonl: no prompts"):
+    with pytest.raises(UserError, match=r"prompts.jsonl: no prompts"):
         load_prompts(write(tmp_path, []))
     msgs = load_prompts(write(tmp_path, [json.dumps({"prompt": [{"role": "user", "content": "q"}]})]))
     assert msgs[0]["id"].startswith("p") and msgs[0]["type"] == "general"

@@ -17,8 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def salmon(*args: str, wait: bool = True):
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    # The installed entry point, not `python -m salmon.cli`: run as __main__, salmon/cli.py would be a
-    # second module whose CLIError is not the one data_synth raises (a traceback instead of exit 2).
+    # The installed entry point, as a user runs it.
     cmd = [str(Path(sys.executable).parent / "salmon"), *args]
     if wait:
         return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

@@ -10,8 +10,8 @@ import pytest
 from data_synth.config import TrainConfig
 from data_synth.rm_train import rewards, train_reward_model
 from principles.schema import Principle
-from rm_service.registry import Registry
-from rm_service.render import PROMPT_FORMAT_VERSION
+from rm_core.registry import Registry
+from rm_core.render import PROMPT_FORMAT_VERSION
 from salmon.atomic import atomic_write_jsonl
 
 CONCISE = {"name": "concise", "definition": "The response is short and direct.",
@@ -62,7 +62,7 @@ def test_publishes_a_version_with_the_manifest_the_service_needs(trained):
 
 
 def test_training_rendered_exactly_what_serving_renders(trained):
-    from rm_service.scorers import load_trained
+    from rm_core.scorers import load_trained
 
     tmp, cfg, res = trained
     scorer = load_trained(cfg.registry)
@@ -90,7 +90,7 @@ def test_the_running_service_scores_with_the_new_version_and_picks_up_the_next(t
         got = httpx.post(srv.url + "/v1/score", json=body, timeout=60).json()
         assert got["model_version"] == "v0001"
         # The service's score is this training run's own reward, normalised by the manifest's mean/std.
-        from rm_service.render import Renderer
+        from rm_core.render import Renderer
         from salmon.modeling import load_tokenizer
 
         tok = load_tokenizer(str(tiny_model_dir))

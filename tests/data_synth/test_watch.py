@@ -8,9 +8,9 @@ import pytest
 
 from data_synth.config import AggregateConfig, JudgeConfig, TrainConfig, WatchConfig
 from data_synth.watch import pairs_from_rollouts, watch
-from rm_service.registry import Registry
+from rm_core.registry import Registry
 from salmon.atomic import atomic_write_jsonl
-from salmon.cli import CLIError
+from salmon.errors import UserError
 
 
 def rollout_shard(root, run_id: str, step: int, n_prompts: int = 3) -> str:
@@ -36,7 +36,7 @@ def test_groups_become_pairs_and_short_answers_are_dropped(tmp_path):
     assert pairs_from_rollouts(tmp_path / rel, 16, 1, {}) == []
     bad = tmp_path / "run1" / "step-00000004.jsonl"
     bad.write_text(json.dumps({"run_id": "run1"}) + "\n")
-    with pytest.raises(CLIError, match=r"step-00000004.jsonl: record 1: missing field"):
+    with pytest.raises(UserError, match=r"step-00000004.jsonl: record 1: missing field"):
         pairs_from_rollouts(bad, 1, 1, {})
 
 

@@ -15,7 +15,7 @@ from policy_trainer.config import RunConfig, load_run_config
 from policy_trainer.rollouts import list_shards, read_shards
 from policy_trainer.train import TrainingAborted, run_training
 from principles.schema import load_principle_set
-from salmon.cli import CLIError
+from salmon.errors import UserError
 
 PPO = {"algorithm": "ppo"}
 
@@ -123,7 +123,7 @@ def test_ppo_long_outage_checkpoints_and_resumes(fake_service, tiny_model_dir, t
 
 
 def test_salmon_train_cli_runs_ppo(fake_service, tiny_model_dir, tmp_path, capsys):
-    from salmon.cli import main
+    from salmon_cli.main import main
 
     cfg = tiny_run_config(tmp_path, tiny_model_dir, fake_service.url, training={"max_steps": 1})
     path = tmp_path / "run.yaml"
@@ -137,9 +137,9 @@ def test_salmon_train_cli_runs_ppo(fake_service, tiny_model_dir, tmp_path, capsy
 def test_ppo_config_section_and_demo_overrides(tmp_path):
     cfg = load_run_config(None, {"algorithm": "ppo", "ppo.kl_coef": 0.05, "ppo.adaptive_kl.enabled": True})
     assert cfg.ppo.kl_coef == 0.05 and cfg.ppo.adaptive_kl.enabled and cfg.ppo.gamma == 1.0
-    with pytest.raises(CLIError, match="ppo.ppo_epoch"):
+    with pytest.raises(UserError, match="ppo.ppo_epoch"):
         load_run_config(None, {"algorithm": "ppo", "ppo.ppo_epoch": 2})
-    with pytest.raises(CLIError, match="value_init"):
+    with pytest.raises(UserError, match="value_init"):
         load_run_config(None, {"ppo.value_init.version": "v0001"})
     # what salmon demo passes (salmon/demo.py) validates for ppo, and its batch splits in minibatches
     gens = 4
@@ -160,9 +160,9 @@ def _trainer(cfg: RunConfig, model_dir):
 
 def test_ppo_refuses_what_it_cannot_do(tiny_model_dir, tmp_path):
     base = tiny_run_config(tmp_path, tiny_model_dir, "http://127.0.0.1:9", **PPO)
-    with pytest.raises(CLIError, match="num_minibatches"):
+    with pytest.raises(UserError, match="num_minibatches"):
         _trainer(RunConfig.model_validate({**base, "ppo": {"num_minibatches": 3}}), tiny_model_dir)
-    with pytest.raises(CLIError, match="lora.enabled"):
+    with pytest.raises(UserError, match="lora.enabled"):
         _trainer(RunConfig.model_validate({**base, "policy": {**base["policy"], "lora": {"enabled": False}}}),
                  tiny_model_dir)
 
@@ -171,8 +171,8 @@ def _publish_rm(registry, base_model, tmp_path) -> str:
     """A tiny principle reward model (LoRA + scalar head, SEQ_CLS) published to a registry."""
     from peft import LoraConfig, get_peft_model
 
-    from rm_service.registry import Registry
-    from rm_service.render import PROMPT_FORMAT_VERSION
+    from rm_core.registry import Registry
+    from rm_core.render import PROMPT_FORMAT_VERSION
     from salmon.modeling import load_sequence_classifier
 
     torch.manual_seed(3)
@@ -214,5 +214,5 @@ def test_value_adapter_and_head_from_a_registry_version(tiny_model_dir, tmp_path
     for f in tiny_model_dir.iterdir():
         (other / f.name).write_bytes(f.read_bytes())
     cfg2 = RunConfig.model_validate({**cfg.model_dump(mode="json"), "policy": {"model": str(other)}})
-    with pytest.raises(CLIError, match="value_init.*not on the policy"):
+    with pytest.raises(UserError, match="value_init.*not on the policy"):
         _trainer(cfg2, other)

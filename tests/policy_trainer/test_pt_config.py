@@ -8,7 +8,8 @@ import pytest
 
 from policy_trainer.config import RunConfig, load_run_config
 from policy_trainer.data import load_prompt_rows
-from salmon.cli import CLIError, main
+from salmon.errors import UserError
+from salmon_cli.main import main
 
 CONFIGS = Path(__file__).resolve().parents[2] / "policy_trainer" / "configs"
 
@@ -36,7 +37,7 @@ def test_shipped_run_configs_validate(path):
 def test_bad_fields_give_one_line_naming_the_field(tmp_path, yaml_text, field, why):
     path = tmp_path / "run.yaml"
     path.write_text(yaml_text)
-    with pytest.raises(CLIError) as ei:
+    with pytest.raises(UserError) as ei:
         load_run_config(path)
     msg = str(ei.value)
     assert "\n" not in msg and f"field '{field}'" in msg and why in msg and str(path) in msg
@@ -68,7 +69,7 @@ def test_prompts_jsonl_rows_and_errors(tmp_path):
                        "prompt_id": "a", "prompt_type": "reasoning"}
     assert rows[1]["prompt_id"] == "line-2" and rows[1]["prompt_type"] == "general"
     p.write_text('{"id": "a", "text": "hi"}\n')
-    with pytest.raises(CLIError, match=r"p.jsonl:1: field 'prompt' is required"):
+    with pytest.raises(UserError, match=r"p.jsonl:1: field 'prompt' is required"):
         load_prompt_rows(cfg)
 
 

@@ -180,7 +180,7 @@ def test_long_outage_checkpoints_exits_and_resume_continues(fake_service, tiny_m
 def test_cli_exits_non_zero_naming_the_url_when_the_service_is_gone(tiny_model_dir, tmp_path, capsys):
     import yaml
 
-    from salmon.cli import main
+    from salmon_cli.main import main
 
     url = f"http://127.0.0.1:{free_port()}"
     cfg = tiny_run_config(tmp_path, tiny_model_dir, url,

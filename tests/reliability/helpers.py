@@ -55,7 +55,7 @@ import os, socket, sys
 def _no_bind(self, addr):
     sys.stderr.write(f"BIND ATTEMPTED {addr!r}\n"); sys.stderr.flush(); os._exit(99)
 socket.socket.bind = _no_bind
-from salmon.cli import main
+from salmon_cli.main import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -85,7 +85,7 @@ class ServeProcess:
     def __enter__(self) -> ServeProcess:
         self._logf = open(self.log, "w")  # noqa: SIM115 - closed in __exit__
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "salmon.cli", "serve", "--config", str(self.cfg), "--port", str(self.port),
+            [sys.executable, "-m", "salmon_cli", "serve", "--config", str(self.cfg), "--port", str(self.port),
              "--log-level", "warning"], stdout=self._logf, stderr=subprocess.STDOUT, cwd=REPO, env=self.env)
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:

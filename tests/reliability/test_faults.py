@@ -21,8 +21,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from rm_service.registry import Registry
-from rm_service.render import PROMPT_FORMAT_VERSION
+from rm_core.registry import Registry
+from rm_core.render import PROMPT_FORMAT_VERSION
 from rm_service.settings import ServiceSettings
 from rm_service.testing import ServerThread
 from tests.reliability.helpers import REPO, record
@@ -30,7 +30,7 @@ from tests.rm_service.helpers import publish_tiny_version
 
 PUBLISHER = r"""
 import sys
-from rm_service.registry import Registry
+from rm_core.registry import Registry
 build, root = sys.argv[1], sys.argv[2]
 sys.stdout.write("ready\n"); sys.stdout.flush()
 v = Registry(root).publish(build, {"base_model": "none", "adapter": "adapter",

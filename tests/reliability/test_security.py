@@ -15,8 +15,8 @@ import httpx
 import pytest
 
 import rm_service.api as api_module
+from rm_core.registry import Registry, RegistryError
 from rm_service.app import create_app
-from rm_service.registry import Registry, RegistryError
 from rm_service.settings import ServiceSettings
 from rm_service.testing import ServerThread
 from tests.reliability.helpers import assert_error_body, record, run_cli_no_bind

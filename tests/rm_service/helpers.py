@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from rm_service.registry import Registry
-from rm_service.render import PROMPT_FORMAT_VERSION
+from rm_core.registry import Registry
+from rm_core.render import PROMPT_FORMAT_VERSION
 
 
 def publish_tiny_version(registry: Path, base_model: Path, seed: int, tmp: Path, mean: float = 0.0,

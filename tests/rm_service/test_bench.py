@@ -9,9 +9,9 @@ import json
 
 import pytest
 
+from rm_core.render import RenderedInput
 from rm_service.bench import CONFIGS, main, parse_args, workload_flops
-from rm_service.render import RenderedInput
-from salmon.cli import CLIError
+from salmon.errors import UserError
 
 
 def test_bench_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
@@ -50,7 +50,7 @@ def test_bench_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("bad", [["--rounds", "0"], ["--min-response-tokens", "10", "--max-response-tokens", "5"],
                                  ["--configs", "limit,nope"]])
 def test_bad_arguments_are_user_errors(bad):
-    with pytest.raises(CLIError):
+    with pytest.raises(UserError):
         parse_args(bad)
 
 

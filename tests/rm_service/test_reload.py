@@ -10,8 +10,8 @@ import httpx
 import pytest
 
 from principles.schema import Principle
-from rm_service.registry import Registry
-from rm_service.scorers import load_trained
+from rm_core.registry import Registry
+from rm_core.scorers import load_trained
 from rm_service.settings import ServiceSettings
 from rm_service.testing import ServerThread
 from tests.rm_service.helpers import publish_tiny_version

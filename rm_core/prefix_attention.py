@@ -18,7 +18,7 @@ Rows are right-padded, so a real token's causal window holds no pad; pad rows' o
 Both parts use torch's fused CPU flash-attention kernel, the one that also returns the log-sum-exp
 (``aten._scaled_dot_product_flash_attention_for_cpu``); where it is missing (older torch, another
 device) :func:`cascade_available` is False and callers keep the expanded-cache path. Equal to that
-path within fp tolerance (tests/rm_service/test_prefix_cache.py).
+path within fp tolerance (tests/rm_core/test_prefix_cache.py).
 
 The function is registered with transformers' AttentionInterface; it is switched on only for the
 suffix forward (:func:`cascade_attention`), under the scorer's lock, and for any call without

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from principles.schema import Principle
-from rm_service.render import PRINCIPLE_HEADER, Renderer, RenderError, principle_block
+from rm_core.render import PRINCIPLE_HEADER, Renderer, RenderError, principle_block
 
 P = [Principle(name="kind", definition="The response is kind.", negative_definition="The response is cruel."),
      Principle(name="short", definition="The response is short.")]

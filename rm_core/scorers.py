@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 
 from principles.schema import Principle
-from rm_service.prefix_cache import PrefixCache
-from rm_service.render import (
+from rm_core.prefix_cache import PrefixCache
+from rm_core.render import (
     PROMPT_FORMAT_VERSION,
     Prompt,
     RenderedInput,
@@ -321,7 +321,7 @@ def load_trained(registry_root: str | Path, version: str | None = None, options:
     """Load a registry version (CURRENT when ``version`` is None); the files are verified first."""
     from peft import PeftModel
 
-    from rm_service.registry import Registry, RegistryError
+    from rm_core.registry import Registry, RegistryError
 
     reg = Registry(registry_root)
     version = version or reg.current()

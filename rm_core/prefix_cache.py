@@ -8,7 +8,7 @@ block (hundreds of tokens). Full-sequence scoring recomputes both for every resp
 2. the prompt segment is computed on top of it once per request group (and kept too: a rescored
    prompt, or the k+1 variants of the contrastive scorer, hit it);
 3. the responses of a group run as batches of right-padded suffixes with explicit position ids,
-   attending to the prefix through rm_service/prefix_attention.py's cascade (the prefix's keys and
+   attending to the prefix through rm_core/prefix_attention.py's cascade (the prefix's keys and
    values used as cached, never copied per row) where torch's fused CPU kernel exists, else through a
    key/value cache expanded to the batch with a mask over prefix + suffix (``attention="expanded"``).
 
@@ -19,7 +19,7 @@ embedded model) a prompt entry costs only its prompt's few hundred KB, so the by
 hundreds of prompts rather than a dozen. A block is never evicted while an entry built on it is
 cached (hits touch both; evicting a block takes its dependents with it), so the bytes counted are
 the bytes held. Values equal the no-cache path within fp tolerance
-(tests/rm_service/test_prefix_cache.py). Entries are keyed by model version; a reload retires the
+(tests/rm_core/test_prefix_cache.py). Entries are keyed by model version; a reload retires the
 old version's entries. ``enabled=False`` (setting ``prefix_cache: false``) turns it off.
 """
 
@@ -33,12 +33,12 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from rm_service.prefix_attention import cascade_attention, cascade_available
+from rm_core.prefix_attention import cascade_attention, cascade_available
 from salmon.modeling import kv_cache_kwargs, returned_kv_cache
 
 if TYPE_CHECKING:
-    from rm_service.render import RenderedInput
-    from rm_service.scorers import CausalLMScorer
+    from rm_core.render import RenderedInput
+    from rm_core.scorers import CausalLMScorer
 
 
 @dataclass

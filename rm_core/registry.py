@@ -28,13 +28,14 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from salmon.atomic import atomic_write_json, atomic_write_text, file_sha256, fsync_dir
+from salmon.errors import UserError
 
 VERSION_RE = re.compile(r"^v\d{4,}$")
 MANIFEST = "manifest.json"
 CURRENT = "CURRENT"
 
 
-class RegistryError(ValueError):
+class RegistryError(UserError):
     """A registry or version that cannot be used; the message says why."""
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from principles.schema import Principle
-from rm_service.prefix_cache import PrefixCache
-from rm_service.scorers import load_zero_shot
+from rm_core.prefix_cache import PrefixCache
+from rm_core.scorers import load_zero_shot
 
 PRINCIPLES = [Principle(name=f"p{i}", definition=f"The response follows rule number {i} carefully.",
                         negative_definition=f"The response ignores rule number {i}.") for i in range(3)]
@@ -152,7 +152,7 @@ def _reference_attention(q, k, v, pk, pv):
 def test_cascade_attention_equals_softmax_over_prefix_and_causal_suffix(b, heads, kv_heads, w, p):
     import torch
 
-    from rm_service import prefix_attention as pa
+    from rm_core import prefix_attention as pa
 
     g = torch.Generator().manual_seed(b * 100 + w)
     q = torch.randn(b, heads, w, 8, generator=g)
@@ -169,7 +169,7 @@ def test_cascade_attention_equals_softmax_over_prefix_and_causal_suffix(b, heads
 def test_suffix_path_takes_the_cascade_on_cpu_and_matches_the_expanded_path(scorer, monkeypatch):
     from transformers import AttentionInterface
 
-    from rm_service import prefix_attention as pa
+    from rm_core import prefix_attention as pa
 
     calls = []
     original = pa.prefix_cascade_forward
@@ -197,7 +197,7 @@ def test_suffix_path_takes_the_cascade_on_cpu_and_matches_the_expanded_path(scor
 def test_cascade_is_refused_where_it_would_compute_something_else(scorer):
     import torch
 
-    from rm_service.prefix_attention import cascade_available
+    from rm_core.prefix_attention import cascade_available
 
     cfg = scorer.model.config
     assert cascade_available(scorer.model, torch.device("cpu"))

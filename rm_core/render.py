@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from threading import Lock
 
 from principles.schema import Principle
+from salmon.errors import UserError
 
 PROMPT_FORMAT_VERSION = "salmon-rm-v1"
 PRINCIPLE_HEADER = "You are a helpful AI assistant. Your response must follow these principles:"
@@ -39,7 +40,7 @@ Message = dict[str, str]
 Prompt = str | Sequence[Message]
 
 
-class RenderError(ValueError):
+class RenderError(UserError):
     """Input that cannot be rendered; the message says what to fix."""
 
 

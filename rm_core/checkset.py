@@ -22,7 +22,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from principles.schema import Principle
-from rm_service.render import PRINCIPLE_HEADER, principle_block
+from rm_core.render import PRINCIPLE_HEADER, principle_block
 from salmon.atomic import read_jsonl
 
 DEFAULT_CHECK_SET = Path(str(resources.files("principles"))) / "checks" / "flip_pairs.jsonl"
@@ -45,7 +45,7 @@ def _flip(sp_a: float, sp_b: float, sn_a: float, sn_b: float) -> tuple[bool, boo
 
 def run_check(model: str, path: Path, variants: list[str], registry: str | None = None,
               limit: int | None = None) -> dict:
-    from rm_service.scorers import ProbeScorer, load_trained, load_zero_shot
+    from rm_core.scorers import ProbeScorer, load_trained, load_zero_shot
 
     unknown = [v for v in variants if v not in ZERO_SHOT + ("trained",)]
     if unknown:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from salmon.errors import SalmonError
+
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("rm_service.cli", "run the principle-following reward-model service"),
     "score": ("rm_service.cli", "score (prompt, response) pairs from the command line, no server"),
@@ -16,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("data_synth.cli", "synthetic principle preferences: prompts, sample, judge, aggregate, watch"),
     "rm-train": ("data_synth.cli", "train a principle-following reward model and publish a registry version"),
     "train": ("policy_trainer.cli", "RL (grpo | rloo | ppo) with rewards from the service over HTTP"),
-    "demo": ("salmon.demo", "the whole loop on the embedded default, on one CPU machine"),
+    "demo": ("salmon_cli.demo", "the whole loop on the embedded default, on one CPU machine"),
     "bench": ("rm_service.bench", "benchmark scoring against its limit and a baseline"),
 }
 
@@ -26,10 +28,6 @@ def _usage() -> str:
     lines += [f"  {name:<9} {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["", "`salmon <command> --help` for a command's options."]
     return "\n".join(lines)
-
-
-class CLIError(Exception):
-    """An error the user can fix; printed as one line, exit code 2."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,17 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[cmd][0])
     try:
         return int(module.main([cmd, *rest]) or 0)
-    except CLIError as e:
+    except SalmonError as e:  # the one place errors become a line on stderr and an exit code
         print(f"salmon {cmd}: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except KeyboardInterrupt:
         print(f"salmon {cmd}: interrupted", file=sys.stderr)
         return 130
 
 
 if __name__ == "__main__":
-    # Run through the imported module: `python -m salmon.cli` would otherwise define a second
-    # CLIError class (in __main__) that the subcommands' raises would not match.
-    from salmon.cli import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 
 from salmon.atomic import atomic_write_json
-from salmon.cli import CLIError
+from salmon.errors import UserError
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -48,7 +48,7 @@ def start_service(run_dir: Path, registry: Path, model: str, port: int) -> tuple
 
     port = port or free_port()
     log = open(run_dir / "service.log", "ab")
-    cmd = [sys.executable, "-m", "salmon.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+    cmd = [sys.executable, "-m", "salmon_cli", "serve", "--host", "127.0.0.1", "--port", str(port),
            "--registry", str(registry), "--model", model, "--scorer", "auto", "--log-level", "warning"]
     # The demo's service is private to this run on loopback: keys from the caller's shell do not apply.
     env = {k: v for k, v in os.environ.items() if k not in {"SALMON_API_KEY", "SALMON_ADMIN_KEY"}}
@@ -57,7 +57,7 @@ def start_service(run_dir: Path, registry: Path, model: str, port: int) -> tuple
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise CLIError(f"the reward service exited during start; see {run_dir / 'service.log'}")
+            raise UserError(f"the reward service exited during start; see {run_dir / 'service.log'}")
         try:
             if httpx.get(url + "/readyz", timeout=2).status_code == 200:
                 return proc, url
@@ -65,7 +65,7 @@ def start_service(run_dir: Path, registry: Path, model: str, port: int) -> tuple
             pass
         time.sleep(0.5)
     proc.kill()
-    raise CLIError(f"the reward service at {url} was not ready after 600 s; see {run_dir / 'service.log'}")
+    raise UserError(f"the reward service at {url} was not ready after 600 s; see {run_dir / 'service.log'}")
 
 
 def wait_for_version(url: str, version: str, timeout_s: float = 300) -> dict:
@@ -76,7 +76,7 @@ def wait_for_version(url: str, version: str, timeout_s: float = 300) -> dict:
         if info["model_version"] == version:
             return info
         time.sleep(1)
-    raise CLIError(f"the service did not switch to {version} within {timeout_s:.0f} s "
+    raise UserError(f"the service did not switch to {version} within {timeout_s:.0f} s "
                    f"(last reload error: {info.get('last_reload_error')})")
 
 

@@ -1,0 +1,5 @@
+import sys
+
+from salmon_cli.main import main
+
+sys.exit(main())

@@ -1,4 +1,4 @@
-"""Test doubles that speak the reward-service contract (ARCHITECTURE.md) over real HTTP.
+"""Test doubles that speak the reward-service contract (docs/contract.md) over real HTTP.
 
 ``contract_app`` is a small FastAPI app implementing /v1/score, /v1/model, principle-set PUT/GET,
 /get_reward and health with the rule scorer's formula (regex count minus a per-character

@@ -1,6 +1,6 @@
 """The ``ppo:`` section of the run config (read only when ``algorithm: ppo``).
 
-Defaults are SALMON's PPO (AlpacaFarm-derived; see /work/shared/REFERENCES.md) where it states
+Defaults are SALMON's PPO (AlpacaFarm-derived, as IBM/SALMON releases it) where it states
 them: KL 0.01 with k1 clamped at 0, GAE gamma = lambda = 1, clip 0.2, vf_coef 0.1. The rest of a
 PPO run (policy, data, reward service, principles, shaping, generation, output) uses the same
 sections as GRPO: ``training.per_device_train_batch_size * gradient_accumulation_steps``

@@ -1,6 +1,6 @@
 """The one renderer: (principles, prompt, response) -> model input, for serving AND reward-model training.
 
-Layout (ARCHITECTURE.md, "principles first"), through the model's own chat template::
+Layout ("principles first", docs/architecture.md), through the model's own chat template::
 
     [system]    principle block (+ the prompt's own system message, if any)   <- shared by a whole run
     [user ...]  the prompt (a string, or a list of chat messages)             <- shared by a GRPO group

@@ -1,4 +1,4 @@
-"""Request and response types of the HTTP contract (ARCHITECTURE.md). No torch, no serving logic.
+"""Request and response types of the HTTP contract (docs/contract.md). No torch, no serving logic.
 
 Fields may be added, never renamed: trainers and OpenRLHF-style clients depend on these shapes.
 """

@@ -108,7 +108,7 @@ class PPOTrainer:
         from peft import get_peft_model
         from transformers import set_seed
 
-        from salmon.modeling import ModelOptions, load_causal_lm, load_tokenizer
+        from salmon.modeling import ModelOptions, load_causal_lm, load_tokenizer, pick_device_and_precision
 
         t, p = cfg.training, cfg.ppo
         if not cfg.policy.lora.enabled:
@@ -130,11 +130,10 @@ class PPOTrainer:
         self.args = SimpleNamespace(output_dir=str(self.out))
         self.state = PPOState(max_steps=t.max_steps)
 
-        use_cpu = cfg.distributed.use_cpu if cfg.distributed.use_cpu is not None else not torch.cuda.is_available()
-        prec = t.precision
-        if prec == "auto":
-            prec = "bf16" if torch.cuda.is_available() and not use_cpu and torch.cuda.is_bf16_supported() else "fp32"
-        self.accelerator = Accelerator(cpu=use_cpu, mixed_precision={"fp32": "no"}.get(prec, prec))
+        use_cpu = cfg.distributed.use_cpu
+        placed, prec = pick_device_and_precision("cpu" if use_cpu else "auto", t.precision)
+        self.accelerator = Accelerator(cpu=placed.type == "cpu" if use_cpu is None else use_cpu,
+                                       mixed_precision={"fp32": "no"}.get(prec, prec))
         if self.accelerator.num_processes > 1:
             raise UserError("ppo runs in one process in this version; launch it without accelerate/torchrun")
         device = self.accelerator.device

@@ -166,6 +166,17 @@ def pick_dtype(dtype: DType, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
+def pick_device_and_precision(
+    device: str = "auto", precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
+) -> tuple[torch.device, Literal["fp32", "bf16", "fp16"]]:
+    """Where to train and in which mixed precision. ``auto`` precision is bf16 on a CUDA device that
+    supports it and fp32 anywhere else, so a run forced onto the CPU never asks for bf16 autocast."""
+    placed = pick_device(device)
+    if precision == "auto":
+        precision = "bf16" if placed.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return placed, precision
+
+
 def pick_attention(attention: Attention, device: torch.device) -> str:
     if attention != "auto":
         return attention

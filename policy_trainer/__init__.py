@@ -10,9 +10,12 @@ Public API (imported lazily, so `salmon train --help` does not load torch)::
 ``run_training`` raises ``salmon.errors.UserError`` for bad input and ``TrainingAborted`` (with
 ``.checkpoint``) when the reward service stays unreachable past the retry budget.
 
-Parts shared by all three algorithms: config, rm_client (the one HTTP client), principles_select
-(RL-time selection + set timeline), shaping, rewards (reward callables), rollouts (shards for
-on-policy RM retraining), report; grpo/rloo hold only the TRL wiring, ppo/ppo_math our PPO.
+The training methods are one table, policy_trainer.methods (one module per method: grpo and rloo
+hold only the TRL wiring, ppo the wiring of our PPO in ppo/ppo_math/ppo_config); config, CLI and
+demo read their names from it. Parts shared by the methods: config, train (the runner),
+reward_service (set up only for a method that uses it: rm_client, the one HTTP client;
+principles_select, RL-time selection + set timeline; shaping; rewards, the reward callables;
+rollouts, shards for on-policy RM retraining), report.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ _EXPORTS = {
     "load_run_config": "policy_trainer.config",
     "run_training": "policy_trainer.train",
     "RunResult": "policy_trainer.train",
-    "TrainingAborted": "policy_trainer.train",
+    "TrainingAborted": "policy_trainer.reward_service",
     "RewardClient": "policy_trainer.rm_client",
     "RewardServiceError": "policy_trainer.rm_client",
 }

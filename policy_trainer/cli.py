@@ -1,4 +1,4 @@
-"""`salmon train --config run.yaml`: RL with rewards from the service over HTTP.
+"""`salmon train --config run.yaml`: train a policy with one of the registered methods (below).
 
 Exit codes: 0 done; 2 bad input (one line naming the field); 3 the reward service stayed
 unreachable past the retry budget (a checkpoint was saved: rerun the same command to resume).
@@ -11,10 +11,13 @@ import sys
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="salmon train", description=__doc__,
+    from policy_trainer.methods import methods  # torch-free: builders import their trainers when called
+
+    table = "\n".join(f"  {m.name:<8} {m.summary}" for m in methods())
+    p = argparse.ArgumentParser(prog="salmon train", description=__doc__, epilog=f"methods:\n{table}",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="run YAML (see policy_trainer/config.py; policy_trainer/configs/ has examples)")
-    p.add_argument("--algorithm", choices=["grpo", "rloo", "ppo"], help="overrides algorithm")
+    p.add_argument("--algorithm", choices=[m.name for m in methods()], help="overrides algorithm")
     p.add_argument("--rm-url", help="overrides reward.url")
     p.add_argument("--policy", help="overrides policy.model")
     p.add_argument("--principle-set", help="overrides principles.set")
@@ -22,8 +25,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", help="overrides output.output_dir")
     p.add_argument("--print-config", action="store_true", help="print the validated config as YAML and exit")
     return p
-
-
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,7 @@ One YAML file says everything about a run; a GPU run changes fields (precision, 
 DeepSpeed), never code. Unknown fields are errors (typos must not silently fall back to defaults).
 Loading goes through ``salmon.config`` so every error is one line naming the file and the field.
 
-    algorithm: grpo            # or rloo, or ppo (our own trainer; its knobs in the ppo: section)
+    algorithm: grpo            # a method of policy_trainer.methods (grpo, rloo, ppo: its knobs in ppo:)
     policy: {model: embedded}
     reward: {url: http://127.0.0.1:8000}
     principles: {set: rl, intervention: intervention, select_k: 3, schedule: [{step: 50, set: harmless}]}
@@ -17,17 +17,15 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from policy_trainer.methods import method_names
 from policy_trainer.ppo_config import PPOSettings
+from policy_trainer.section import Section
 from salmon.config import load_yaml, validate_config
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class LoraSettings(_Section):
+class LoraSettings(Section):
     enabled: bool = Field(default=True, description="Train a LoRA adapter (PEFT) instead of all weights; the "
                           "reference model for the KL term is then the base with the adapter disabled (no copy).")
     r: int = Field(default=16, ge=1, description="LoRA rank.")
@@ -36,7 +34,7 @@ class LoraSettings(_Section):
     target_modules: list[str] | str = Field(default="all-linear", description="Module names, or 'all-linear'.")
 
 
-class PolicyConfig(_Section):
+class PolicyConfig(Section):
     model: str = Field(default="embedded", description="Policy to train: 'embedded' (SmolLM2-135M-Instruct shipped "
                        "with salmon), a .gguf file or a local Hugging Face directory. Never downloaded.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -47,7 +45,7 @@ class PolicyConfig(_Section):
     gradient_checkpointing: bool = Field(default=False, description="Trade compute for memory (large policies).")
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     prompts: str | None = Field(default=None, description="JSONL of {id, prompt, type}; prompt is text or chat "
                                 "messages; type is general | reasoning | redteam. Default: the prompts shipped "
                                 "with data_synth (data_synth/data/prompts.jsonl).")
@@ -56,7 +54,7 @@ class DataConfig(_Section):
     system_prompt: str | None = Field(default=None, description="System message put before every prompt.")
 
 
-class RetryConfig(_Section):
+class RetryConfig(Section):
     max_attempts: int = Field(default=6, ge=1, description="Tries per request (1 = no retry). Retried: 429, 5xx, "
                               "connection errors and timeouts; never other 4xx.")
     initial_backoff_s: float = Field(default=0.5, gt=0, description="First wait; doubles per retry.")
@@ -68,7 +66,7 @@ class RetryConfig(_Section):
                             "and exits non-zero.")
 
 
-class RewardConfig(_Section):
+class RewardConfig(Section):
     url: str = Field(default="http://127.0.0.1:8000", description="Base URL of the reward service "
                      "(salmon rm_service, or any OpenRLHF-style /get_reward server with protocol: openrlhf).")
     protocol: Literal["salmon", "openrlhf"] = Field(
@@ -97,12 +95,12 @@ class RewardConfig(_Section):
         return v.rstrip("/")
 
 
-class SwitchConfig(_Section):
+class SwitchConfig(Section):
     step: int = Field(ge=0, description="Global step from which the set applies.")
     set: str = Field(description="Principle set: a shipped name, a YAML path, or a name registered on the service.")
 
 
-class PrinciplesConfig(_Section):
+class PrinciplesConfig(Section):
     set: str = Field(default="concise", description="Principle set for the run: shipped name (principles/*.yaml), "
                      "a YAML path, or a name already registered on the service. Registered at start and "
                      "referred to as name@hash.")
@@ -132,7 +130,7 @@ class PrinciplesConfig(_Section):
         return v
 
 
-class LengthBonusConfig(_Section):
+class LengthBonusConfig(Section):
     enabled: bool = Field(default=False, description="SALMON's capped length bonus: "
                           "scale * min(tokens / per_tokens * multiplier[type], cap).")
     scale: float = Field(default=5.0, description="SALMON: 5.")
@@ -143,7 +141,7 @@ class LengthBonusConfig(_Section):
     default_multiplier: float = Field(default=1.0, description="For prompt types not listed.")
 
 
-class ShapingConfig(_Section):
+class ShapingConfig(Section):
     rm_scale: float = Field(default=1.0, description="Multiplies the service's score (SALMON's PPO used 10).")
     normalize: Literal["none", "running"] = Field(
         default="none", description="running: whiten service scores with a running mean/std kept in the "
@@ -153,7 +151,7 @@ class ShapingConfig(_Section):
                                       "max_completion_length without an end-of-sequence token.")
 
 
-class TrainingConfig(_Section):
+class TrainingConfig(Section):
     max_steps: int = Field(default=20, ge=1, description="Optimizer steps.")
     learning_rate: float = Field(default=5e-5, gt=0)
     per_device_train_batch_size: int = Field(default=4, ge=1, description="Completions per device per micro-step.")
@@ -188,7 +186,7 @@ class TrainingConfig(_Section):
         return self
 
 
-class GenerationConfig(_Section):
+class GenerationConfig(Section):
     use_vllm: bool = Field(default=False, description="Generate with vLLM through TRL (GPU; `pip install vllm`).")
     vllm_mode: Literal["colocate", "server"] = Field(default="colocate", description="colocate: vLLM in the "
                                                      "trainer processes; server: a `trl vllm-serve` process.")
@@ -197,7 +195,7 @@ class GenerationConfig(_Section):
     vllm_tensor_parallel_size: int = Field(default=1, ge=1, description="colocate mode.")
 
 
-class OutputConfig(_Section):
+class OutputConfig(Section):
     output_dir: Path = Field(default=Path("runs/train"), description="Checkpoints, TensorBoard logs, report.")
     run_id: str | None = Field(default=None, description="Names the run in rollouts and logs (default: the "
                                "output_dir's name, so a rerun with the same config resumes the same run).")
@@ -213,7 +211,7 @@ class OutputConfig(_Section):
     log_completions: bool = Field(default=False, description="TRL: print a sample of completions when logging.")
 
 
-class DistributedConfig(_Section):
+class DistributedConfig(Section):
     deepspeed: str | None = Field(default=None, description="DeepSpeed JSON passed to the trainer (or use an "
                                   "accelerate config from policy_trainer/configs/accelerate/ at launch).")
     use_cpu: bool | None = Field(default=None, description="Force CPU; None: CPU when no CUDA device is visible.")
@@ -222,12 +220,13 @@ class DistributedConfig(_Section):
                                     "other processes: measured 8 s/step with 1 thread vs 13-50 s with 2.")
 
 
-class RunConfig(_Section):
+class RunConfig(Section):
     """Everything about one RL run. See docs/scaling.md for multi-GPU launches."""
 
-    algorithm: Literal["grpo", "rloo", "ppo"] = Field(
-        default="grpo", description="TRL GRPOTrainer or RLOOTrainer, or ppo: our PPO with a value model "
-        "(policy_trainer.ppo), configured in the ppo: section.")
+    algorithm: str = Field(
+        default="grpo", description="The training method: a name in the method table (policy_trainer.methods; "
+        "`salmon train --help` lists them). A method with settings of its own reads them from the section "
+        "of its name (ppo: for ppo).")
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
@@ -238,6 +237,14 @@ class RunConfig(_Section):
     output: OutputConfig = Field(default_factory=OutputConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     ppo: PPOSettings = Field(default_factory=PPOSettings, description="PPO only (algorithm: ppo).")
+
+    @field_validator("algorithm")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        names = method_names()  # read at validation time, so a method registered later is offered too
+        if v not in names:
+            raise ValueError(f"{v!r} is not a registered method; choose one of: {', '.join(names)}")
+        return v
 
     @property
     def run_id(self) -> str:

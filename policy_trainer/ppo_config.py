@@ -14,35 +14,33 @@ completions are generated per step (``num_generations`` per prompt), ``training.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from policy_trainer.section import Section
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class AdaptiveKLSettings(_Section):
+class AdaptiveKLSettings(Section):
     enabled: bool = Field(default=False, description="Adapt kl_coef so the per-sequence KL tracks target "
                           "(Ziegler et al.'s proportional controller). Off: kl_coef is fixed (SALMON).")
     target: float = Field(default=6.0, gt=0, description="Target KL per sequence (nats).")
     horizon: int = Field(default=10000, ge=1, description="Sequences over which the coefficient may move by ~20%.")
 
 
-class ValueLoraSettings(_Section):
+class ValueLoraSettings(Section):
     r: int | None = Field(default=None, ge=1, description="Rank of the value adapter (None: policy.lora.r).")
     alpha: int | None = Field(default=None, ge=1, description="None: policy.lora.alpha.")
     dropout: float | None = Field(default=None, ge=0, lt=1, description="None: policy.lora.dropout.")
     target_modules: list[str] | str | None = Field(default=None, description="None: policy.lora.target_modules.")
 
 
-class ValueInitSettings(_Section):
+class ValueInitSettings(Section):
     registry: str | None = Field(default=None, description="Reward-model registry to initialise the value "
                                  "adapter and head from (SALMON initialised its value model from the RM). "
                                  "The version's base model must be the policy's. None: a fresh adapter, zero head.")
     version: str | None = Field(default=None, description="Registry version (None: the registry's CURRENT).")
 
 
-class PPOSettings(_Section):
+class PPOSettings(Section):
     ppo_epochs: int = Field(default=4, ge=1, description="Optimisation passes over each rollout batch.")
     num_minibatches: int = Field(default=2, ge=1, description="Minibatches per pass (one optimizer step each); "
                                  "must divide the rollout batch.")

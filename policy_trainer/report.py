@@ -71,7 +71,7 @@ class StepTimer(TrainerCallback):
 
 
 def build_report(*, run_id: str, algorithm: str, rows: Sequence[dict[str, Any]], log_history: Sequence[dict],
-                 timeline: Sequence[dict], url: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                 timeline: Sequence[dict], url: str | None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     by_step = {int(h["step"]) - 1: h for h in log_history if "step" in h and ("reward" in h or "loss" in h)}
     steps = []
     for r in sorted(rows, key=lambda r: r["step"]):

@@ -1,0 +1,20 @@
+"""PPO with a value model: our trainer (policy_trainer.ppo, TRL has none any more), settings in ``ppo:``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from policy_trainer.methods.base import BuildContext, Method
+from policy_trainer.ppo_config import PPOSettings
+
+
+def build(ctx: BuildContext) -> Any:
+    from policy_trainer.ppo import PPOTrainer
+
+    reward = ctx.reward_service()
+    return PPOTrainer(ctx.cfg, model_dir=ctx.model_dir, train_dataset=ctx.prompt_dataset(), reward=reward.score,
+                      shaping=reward.shaping, callbacks=ctx.callbacks)
+
+
+METHOD = Method(name="ppo", summary="our PPO with a value model (LoRA policy and value on one base)", build=build,
+                section="ppo", settings=PPOSettings)

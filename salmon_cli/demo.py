@@ -35,7 +35,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--model", default="embedded", help="policy, judge and reward-model backbone")
     p.add_argument("--prompts", type=int, default=16, help="prompts for the synthetic preferences")
     p.add_argument("--principle-set", default="concise", help="principle set for the RL run")
-    p.add_argument("--algorithm", choices=["grpo", "rloo", "ppo"], default="grpo")
+    from policy_trainer.methods import method_names  # the method table: every registered method
+
+    p.add_argument("--algorithm", choices=method_names(), default="grpo")
     p.add_argument("--steps", type=int, default=10, help="RL optimizer steps")
     p.add_argument("--generations", type=int, default=4, help="completions per prompt in RL")
     p.add_argument("--max-completion-length", type=int, default=48)

@@ -34,6 +34,7 @@ import torch
 from transformers import DynamicCache
 
 from principles.schema import Principle, PrincipleSet, load_principle_set
+from rm_core.render import defuse, special_token_strings
 from salmon.atomic import file_sha256
 from salmon.errors import UserError
 from salmon.modeling import kv_cache_kwargs, returned_kv_cache
@@ -60,8 +61,7 @@ class JudgeLayout:
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        specials = {t for t in tokenizer.all_special_tokens if t}
-        self._specials = sorted(specials, key=len, reverse=True)
+        self._specials = special_token_strings(tokenizer)
         self.choice_ids = []
         for c in CHOICES:
             ids = tokenizer.encode(c, add_special_tokens=False)
@@ -69,15 +69,11 @@ class JudgeLayout:
                 raise UserError(f"the judge tokenizer splits {c!r} into {len(ids)} tokens; an A/B judge needs one each")
             self.choice_ids.append(ids[0])
 
-    def _defuse(self, text: str) -> str:
-        # Outputs are data: a special-token string inside them must not close the judge's turn.
-        for tok in self._specials:
-            text = text.replace(tok, tok[0] + "\u200b" + tok[1:])
-        return text
-
     def texts(self, prompt: Any, first: str, second: str, principle: Principle) -> tuple[str, str]:
-        shared = (f"{JUDGE_INTRO}\n\n## Instruction\n{self._defuse(instruction_text(prompt))}\n\n"
-                  f"## Output (a)\n{self._defuse(first)}\n\n## Output (b)\n{self._defuse(second)}\n\n")
+        # Outputs are data: a special-token string inside them must not close the judge's turn.
+        instruction, first, second = (defuse(t, self._specials) for t in (instruction_text(prompt), first, second))
+        shared = (f"{JUDGE_INTRO}\n\n## Instruction\n{instruction}\n\n"
+                  f"## Output (a)\n{first}\n\n## Output (b)\n{second}\n\n")
         tail = f"## Principle\n{principle.definition}\n\n{JUDGE_QUESTION}"
         marker = "\x00SPLIT\x00"
         full = self.tokenizer.apply_chat_template(
@@ -321,49 +317,31 @@ def build_judge(cfg: JudgeConfig, source: str | None = None, model_cache: dict |
 
 # -- the labelled check set: which source to trust ----------------------------------------------
 def check_set_path(cfg: JudgeConfig) -> Path:
-    from principles.schema import builtin_dir
+    from rm_core.checkset import DEFAULT_CHECK_SET
 
-    return cfg.check_set or builtin_dir() / "checks" / "flip_pairs.jsonl"
-
-
-def load_check_set(path: Path, limit: int | None = None) -> list[dict]:
-    from salmon.atomic import JsonlError, read_jsonl
-
-    try:
-        rows = read_jsonl(path)
-    except JsonlError as e:
-        raise UserError(str(e)) from None
-    out = []
-    for n, r in enumerate(rows, 1):
-        try:
-            p = Principle.model_validate(r["principle"])
-            out.append({"id": r.get("id", str(n)), "prompt": r["prompt"], "principle": p,
-                        "a": r["response_a"], "b": r["response_b"]})
-        except Exception as e:  # noqa: BLE001 - any malformed record becomes one clear line
-            raise UserError(f"{path}: record {n}: not a flip pair ({type(e).__name__}: {e})"[:300]) from None
-    if limit and limit < len(out):
-        # Evenly spaced, not the first N: the file is grouped by principle, and a check on the first
-        # few records would measure one principle only.
-        out = [out[i * len(out) // limit] for i in range(limit)]
-    return out
+    return cfg.check_set or DEFAULT_CHECK_SET
 
 
 def evaluate_source(judge: PairJudge, checks: Sequence[dict]) -> dict[str, Any]:
-    """Accuracy on labelled flip pairs: a better under the principle, b better under its negation."""
+    """Accuracy on labelled flip pairs (``rm_core.checkset.load_pairs`` records): a better under the
+    principle, b better under its negation."""
     pos_ok = neg_ok = agree = both = 0
     from tqdm.auto import tqdm
 
     t0 = time.monotonic()
+    from rm_core.checkset import flip_pair_principle
+
     for c in tqdm(checks, desc=f"check set ({judge.source})", unit="pair", dynamic_ncols=True):
-        p: Principle = c["principle"]
-        (s_ab, s_ba), = judge.judge_pair(c["prompt"], c["a"], c["b"], [p])
+        p = flip_pair_principle(c)
+        a, b = c["response_a"], c["response_b"]
+        (s_ab, s_ba), = judge.judge_pair(c["prompt"], a, b, [p])
         s_pos = (s_ab + s_ba) / 2
         agree += (s_ab > 0) == (s_ba > 0)
         if isinstance(judge, ContrastiveSource):
-            s_neg = judge.negated_pair(c["prompt"], c["a"], c["b"], p)
+            s_neg = judge.negated_pair(c["prompt"], a, b, p)
         else:
             neg = Principle(name=p.name, definition=p.negative_definition or p.definition)
-            (n_ab, n_ba), = judge.judge_pair(c["prompt"], c["a"], c["b"], [neg])
+            (n_ab, n_ba), = judge.judge_pair(c["prompt"], a, b, [neg])
             s_neg = (n_ab + n_ba) / 2
         pos_ok += s_pos > 0
         neg_ok += s_neg < 0
@@ -377,8 +355,10 @@ def evaluate_source(judge: PairJudge, checks: Sequence[dict]) -> dict[str, Any]:
 
 def compare_sources(cfg: JudgeConfig, model_cache: dict | None = None) -> dict[str, Any]:
     """Both label sources on the check set (the contrastive one needs rm_core.scorers)."""
+    from rm_core.checkset import load_pairs
+
     path = check_set_path(cfg)
-    checks = load_check_set(path, cfg.check_limit)
+    checks = load_pairs(path, cfg.check_limit, evenly_spaced=True)
     cache = model_cache if model_cache is not None else {}
     results: dict[str, Any] = {"check_set": str(path), "check_set_sha256": file_sha256(path)}
     for source in ("ab", "contrastive"):

@@ -19,23 +19,49 @@ import time
 from importlib import resources
 from pathlib import Path
 
+from pydantic import ValidationError
 from tqdm import tqdm
 
 from principles.schema import Principle
 from rm_core.render import PRINCIPLE_HEADER, principle_block
 from salmon.atomic import read_jsonl
+from salmon.config import format_validation_error
+from salmon.errors import UserError
 
 DEFAULT_CHECK_SET = Path(str(resources.files("principles"))) / "checks" / "flip_pairs.jsonl"
 NEUTRAL_SYSTEM = "You are a helpful AI assistant."
 ZERO_SHOT = ("contrastive", "contrastive-normalized", "contrastive-neutral", "probe")
 
 
-def load_pairs(path: Path, limit: int | None = None) -> list[dict]:
+FLIP_PAIR_FIELDS = ("prompt", "principle", "response_a", "response_b")
+
+
+def flip_pair_principle(pair: dict) -> Principle:
+    """A flip pair's principle (a pair may leave out its name: it is the only principle there)."""
+    return Principle.model_validate({**pair["principle"], "name": pair["principle"].get("name", "p")})
+
+
+def load_pairs(path: Path, limit: int | None = None, *, evenly_spaced: bool = False) -> list[dict]:
+    """The labelled flip pairs of ``path``, each checked (fields, principle); a bad one is a UserError.
+
+    ``limit`` keeps the first N pairs, or with ``evenly_spaced`` N pairs spread over the file: it is
+    grouped by principle, so its first few records would measure one principle only.
+    """
     pairs = read_jsonl(path)
     for n, p in enumerate(pairs, 1):
-        for k in ("prompt", "principle", "response_a", "response_b"):
+        if not isinstance(p, dict):
+            raise UserError(f"{path}:{n}: expected a JSON object, got {type(p).__name__}")
+        for k in FLIP_PAIR_FIELDS:
             if k not in p:
-                raise ValueError(f"{path}:{n}: missing field {k!r}")
+                raise UserError(f"{path}:{n}: missing field {k!r}")
+        if not isinstance(p["principle"], dict):
+            raise UserError(f"{path}:{n}: field 'principle' must be an object with a definition")
+        try:
+            flip_pair_principle(p)
+        except ValidationError as e:
+            raise UserError(format_validation_error(e, f"{path}:{n}: principle")) from None
+    if limit and limit < len(pairs) and evenly_spaced:
+        return [pairs[i * len(pairs) // limit] for i in range(limit)]
     return pairs[:limit] if limit else pairs
 
 

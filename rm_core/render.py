@@ -103,6 +103,21 @@ def normalize_prompt(prompt: Prompt) -> list[Message]:
     return msgs
 
 
+def special_token_strings(tokenizer) -> list[str]:
+    """The tokenizer's special-token strings, longest first (a longer one is defused before its prefix)."""
+    return sorted({t for t in tokenizer.all_special_tokens if t}, key=len, reverse=True)
+
+
+def defuse(text: str, specials: Sequence[str]) -> str:
+    """``text`` with every special-token string of ``specials`` broken up (see the module docstring)."""
+    for tok in specials:
+        if tok in text:
+            # A zero-width space after the first character keeps the text readable but no
+            # longer matches the special token, so user data cannot close a chat turn.
+            text = text.replace(tok, tok[0] + "\u200b" + tok[1:])
+    return text
+
+
 class Renderer:
     """Renders and tokenizes reward-model inputs for one tokenizer.
 
@@ -116,21 +131,13 @@ class Renderer:
         self.tokenizer = tokenizer
         self.max_prompt_tokens = max_prompt_tokens
         self.max_response_tokens = max_response_tokens
-        self._specials = sorted({t for t in tokenizer.all_special_tokens if t}, key=len, reverse=True)
+        self._specials = special_token_strings(tokenizer)
         self._system_cache: OrderedDict[str, tuple[str, tuple[int, ...]]] = OrderedDict()
         self._system_cache_size = system_cache_size
         self._lock = Lock()
         self._check_template()
 
     # -- text ---------------------------------------------------------------------------------
-    def _defuse(self, text: str) -> str:
-        for tok in self._specials:
-            if tok in text:
-                # A zero-width space after the first character keeps the text readable but no
-                # longer matches the special token, so user data cannot close a chat turn.
-                text = text.replace(tok, tok[0] + "\u200b" + tok[1:])
-        return text
-
     def _template(self, messages: list[Message], add_generation_prompt: bool = False) -> str:
         return self.tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
@@ -151,8 +158,8 @@ class Renderer:
 
     def _split(self, system_text: str, prompt: Prompt, response: str, tail: list[Message] | None = None,
                ) -> tuple[str, str, str]:
-        msgs = [dict(m, content=self._defuse(m["content"])) for m in normalize_prompt(prompt)]
-        system = self._defuse(system_text)
+        msgs = [dict(m, content=defuse(m["content"], self._specials)) for m in normalize_prompt(prompt)]
+        system = defuse(system_text, self._specials)
         if msgs[0]["role"] == "system":  # the prompt's own system message follows the principles
             system = f"{system}\n\n{msgs.pop(0)['content']}"
         if any(m["role"] == "system" for m in msgs):
@@ -162,7 +169,7 @@ class Renderer:
         sys_m = {"role": "system", "content": system}
         s = self._template([sys_m])
         p = self._template([sys_m, *msgs], add_generation_prompt=True)
-        full_msgs = [sys_m, *msgs, {"role": "assistant", "content": self._defuse(response)}]
+        full_msgs = [sys_m, *msgs, {"role": "assistant", "content": defuse(response, self._specials)}]
         if tail:
             full = self._template(full_msgs + tail, add_generation_prompt=True)
         else:

@@ -174,3 +174,21 @@ def test_prefix_reuse_matches_full_passes_on_the_embedded_model():
     reuse = LocalABJudge(model, tok, prefix_reuse=True).judge_pair(Q, A, B, PRINCIPLES)
     full = LocalABJudge(model, tok, prefix_reuse=False).judge_pair(Q, A, B, PRINCIPLES)
     assert [s for p in reuse for s in p] == pytest.approx([s for p in full for s in p], abs=1e-3)
+
+
+def test_check_set_evaluation_reads_the_shared_loaders_records():
+    """A judge that reads its principle perfectly scores 1.0 on the loaded (evenly spaced) check pairs."""
+    from data_synth.judge import evaluate_source
+    from rm_core.checkset import DEFAULT_CHECK_SET, load_pairs
+
+    checks = load_pairs(DEFAULT_CHECK_SET, 4, evenly_spaced=True)
+    positives = {c["principle"]["definition"] for c in checks}
+
+    class Oracle:
+        source, name, stats = "ab", "oracle", {}
+
+        def judge_pair(self, prompt, a, b, principles):
+            return [(1.0, 1.0) if p.definition in positives else (-1.0, -1.0) for p in principles]
+
+    res = evaluate_source(Oracle(), checks)
+    assert res["n"] == 4 and res["accuracy"] == 1.0 and res["flip_both"] == 1.0 and res["order_agreement"] == 1.0

@@ -225,7 +225,7 @@ def _watch(args) -> int:
 def _run(args) -> int:
     from .pipeline import run_pipeline
 
-    cfg = _nested(C.RunConfig, args.config, {"prompts": args.prompts, "num_prompts": args.num_prompts,
+    cfg = _nested(C.SynthRunConfig, args.config, {"prompts": args.prompts, "num_prompts": args.num_prompts,
                                              "out": args.out})
     if args.registry:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"registry": Path(args.registry)})})

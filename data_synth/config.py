@@ -148,7 +148,7 @@ class WatchConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
 
 
-class RunConfig(_Strict):
+class SynthRunConfig(_Strict):
     """``salmon synth run``: prompts -> sample -> judge -> aggregate -> rm-train -> publish."""
 
     prompts: Path | None = Field(default=None, description="Prompt JSONL (default: the shipped prompt set).")

@@ -12,10 +12,10 @@ from typing import Any
 
 from salmon.atomic import atomic_write_json
 
-from .config import RunConfig
+from .config import SynthRunConfig
 
 
-def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
+def run_pipeline(cfg: SynthRunConfig) -> dict[str, Any]:
     from .aggregate import run_aggregate
     from .judge import run_judge, select_principles
     from .prompts import load_prompts

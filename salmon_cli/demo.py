@@ -122,11 +122,11 @@ def main(argv: list[str]) -> int:
     try:
         # 2. Synthetic principle preferences → a trained, published reward model.
         print(f"[2/4] synthetic preferences on {args.prompts} prompts → reward model", flush=True)
-        from data_synth.config import RunConfig as SynthConfig
+        from data_synth.config import SynthRunConfig
         from data_synth.pipeline import run_pipeline
 
         t = time.monotonic()
-        synth_cfg = SynthConfig(num_prompts=args.prompts, out=run_dir / "synth")  # the run's own defaults
+        synth_cfg = SynthRunConfig(num_prompts=args.prompts, out=run_dir / "synth")  # the run's own defaults
         synth_cfg.sample.policy = synth_cfg.judge.model = args.model
         synth_cfg.train.base_model, synth_cfg.train.registry = args.model, registry
         synth = run_pipeline(synth_cfg)

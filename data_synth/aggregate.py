@@ -1,4 +1,4 @@
-"""Stage 4: judgments -> a reward-model training set, SALMON's way.
+"""Stage ``aggregate``: judgments -> a reward-model training set, SALMON's way.
 
 1. Per-principle scale normalisation: each principle's scores (both orders, all pairs) are divided by
    their variance (SALMON's choice; ``std`` and ``none`` are options), so a principle the judge
@@ -25,7 +25,7 @@ import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -35,6 +35,9 @@ from salmon.errors import UserError
 
 from .config import AggregateConfig
 from .shards import derive_seed, write_summary
+
+if TYPE_CHECKING:
+    from .stages import StageContext
 
 AI_DISCLAIMER = "as an ai language model"
 
@@ -219,4 +222,15 @@ def run_aggregate(pairs: Sequence[dict], judgments: Sequence[dict], pset: Princi
         "config": cfg.model_dump(mode="json"), "time_s": round(time.monotonic() - t0, 3),
     }
     write_summary(out, summary)
+    return summary
+
+
+def run_stage(ctx: StageContext) -> dict[str, Any]:
+    """Stage ``aggregate``: ``pairs`` + ``judgments`` -> ``dataset`` (the directory of train/eval JSONL)."""
+    from .judge import select_principles
+
+    out = ctx.dir("aggregate")
+    pset, _ = select_principles(ctx.config.judge)
+    summary = run_aggregate(ctx.data["pairs"], ctx.data["judgments"], pset, out, ctx.config.aggregate)
+    ctx.data["dataset"] = out
     return summary

@@ -16,6 +16,7 @@ from salmon.config import load_config
 from salmon.errors import UserError
 
 from . import config as C
+from .stages import stage_names
 
 
 class _Parser(argparse.ArgumentParser):
@@ -81,7 +82,7 @@ def _synth_parser() -> argparse.ArgumentParser:
     s.add_argument("--once", action="store_true", help="one pass over what is there, then exit")
     s.add_argument("--config")
 
-    s = sub.add_parser("run", help="prompts -> sample -> judge -> aggregate -> train -> publish")
+    s = sub.add_parser("run", help=" -> ".join(stage_names()) + " -> publish")
     s.add_argument("--prompts", help="prompt JSONL (default: the shipped set)")
     s.add_argument("--num-prompts", type=int)
     s.add_argument("--out")

@@ -149,7 +149,7 @@ class WatchConfig(_Strict):
 
 
 class SynthRunConfig(_Strict):
-    """``salmon synth run``: prompts -> sample -> judge -> aggregate -> rm-train -> publish."""
+    """``salmon synth run``: every stage of ``data_synth.stages.STAGES``, a section for each that has settings."""
 
     prompts: Path | None = Field(default=None, description="Prompt JSONL (default: the shipped prompt set).")
     num_prompts: int | None = Field(default=32, ge=1, description="Use the first N prompts (None: all).")

@@ -1,4 +1,4 @@
-"""Stage 3: principle-conditioned preference scores for each pair, from one of two label sources.
+"""Stage ``judge``: principle-conditioned preference scores for each pair, from one of two label sources.
 
 **A/B judge** (SALMON's): the judge LM reads the instruction, Output (a), Output (b) and one principle;
 the assistant turn is prefilled so that the next token is the choice, and the score is
@@ -28,7 +28,7 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from transformers import DynamicCache
@@ -40,7 +40,10 @@ from salmon.errors import UserError
 from salmon.modeling import kv_cache_kwargs, returned_kv_cache
 
 from .config import JudgeConfig
-from .shards import ShardedStage, counters_total, stable_hash, write_summary
+from .shards import ShardedStage, counters_total, iter_stage, stable_hash, write_summary
+
+if TYPE_CHECKING:
+    from .stages import StageContext
 
 JUDGE_FORMAT_VERSION = "salmon-judge-v1"
 JUDGE_INTRO = ("You are a careful reviewer. Read the user's instruction and two candidate outputs, "
@@ -449,4 +452,12 @@ def run_judge(pairs: list[dict], out_dir: str | Path, cfg: JudgeConfig) -> dict[
                                    if totals.get("judgments") else None),
                "time_s": round(time.monotonic() - t0, 2)}
     write_summary(out_dir, summary)
+    return summary
+
+
+def run_stage(ctx: StageContext) -> dict[str, Any]:
+    """Stage ``judge``: ``pairs`` -> ``judgments`` (the finished stage directory's records)."""
+    out = ctx.dir("judge")
+    summary = run_judge(ctx.data["pairs"], out, ctx.config.judge)
+    ctx.data["judgments"] = list(iter_stage(out))
     return summary

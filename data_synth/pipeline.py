@@ -1,4 +1,4 @@
-"""``salmon synth run``: prompts -> sample -> judge -> aggregate -> rm-train -> published version.
+"""``salmon synth run``: every stage of :data:`data_synth.stages.STAGES` in order -> a published version.
 
 Every stage writes under ``out/<stage>/``; a rerun after a crash resumes the unfinished stage and
 skips finished ones (their manifests say so), then retrains and publishes.
@@ -13,32 +13,22 @@ from typing import Any
 from salmon.atomic import atomic_write_json
 
 from .config import SynthRunConfig
+from .stages import StageContext, run_stages
+
+
+def _manifest_extra(ctx: StageContext) -> dict[str, Any]:
+    from .shards import stage_shards
+
+    shards = {name: [str(ctx.dir(name) / s) for s in stage_shards(ctx.dir(name))] for name in ("sample", "judge")}
+    return {"training_shards": shards, "judge_source": ctx.summaries["judge"]["source"],
+            "policy": ctx.config.sample.policy}
 
 
 def run_pipeline(cfg: SynthRunConfig) -> dict[str, Any]:
-    from .aggregate import run_aggregate
-    from .judge import run_judge, select_principles
-    from .prompts import load_prompts
-    from .rm_train import train_reward_model
-    from .sample import run_sample
-    from .shards import iter_stage, stage_shards
-
     t0 = time.monotonic()
     out = Path(cfg.out)
-    prompts = load_prompts(cfg.prompts, cfg.num_prompts)
-    summary: dict[str, Any] = {"prompts": len(prompts)}
-    summary["sample"] = run_sample(prompts, out / "sample", cfg.sample)
-    pairs = list(iter_stage(out / "sample"))
-    summary["judge"] = run_judge(pairs, out / "judge", cfg.judge)
-    judgments = list(iter_stage(out / "judge"))
-    pset, _ = select_principles(cfg.judge)
-    summary["aggregate"] = run_aggregate(pairs, judgments, pset, out / "aggregate", cfg.aggregate)
-    extra = {"training_shards": {"sample": [str(out / "sample" / s) for s in stage_shards(out / "sample")],
-                                 "judge": [str(out / "judge" / s) for s in stage_shards(out / "judge")]},
-             "judge_source": summary["judge"]["source"], "policy": cfg.sample.policy}
-    result = train_reward_model(out / "aggregate" / "train.jsonl", out / "aggregate" / "eval.jsonl",
-                                cfg.train, extra_manifest=extra)
-    summary["train"] = {"version": result.version, "registry": str(cfg.train.registry), **result.metrics}
+    ctx = run_stages(StageContext(config=cfg, out=out, manifest_extra=_manifest_extra))
+    summary: dict[str, Any] = dict(ctx.summaries)
     summary["time_s"] = round(time.monotonic() - t0, 1)
     atomic_write_json(out / "run_summary.json", summary)
     return summary

@@ -13,10 +13,13 @@ import hashlib
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from salmon.atomic import JsonlError, read_jsonl
 from salmon.errors import UserError
+
+if TYPE_CHECKING:
+    from .stages import StageContext
 
 PROMPT_TYPES = ("general", "reasoning", "redteam")
 
@@ -89,6 +92,12 @@ def load_prompts(path: str | Path | None = None, limit: int | None = None) -> li
     if not out:
         raise UserError(f"{path}: no prompts (the file is empty)")
     return out[:limit] if limit else out
+
+
+def run_stage(ctx: StageContext) -> int:
+    """Stage ``prompts``: the run's prompt set (``config.prompts``, first ``config.num_prompts``)."""
+    ctx.data["prompts"] = load_prompts(ctx.config.prompts, ctx.config.num_prompts)
+    return len(ctx.data["prompts"])
 
 
 # -- near-duplicate filter ----------------------------------------------------------------------

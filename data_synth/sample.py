@@ -1,4 +1,4 @@
-"""Stage 2: the policy answers each prompt ``num_samples`` times; consecutive answers form pairs.
+"""Stage ``sample``: the policy answers each prompt ``num_samples`` times; consecutive answers form pairs.
 
 A pair with an empty or too-short answer is dropped (a judge comparing against nothing teaches the
 reward model only "longer wins"), and so is a pair of identical answers (no preference to learn).
@@ -10,10 +10,13 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import SampleConfig
-from .shards import ShardedStage, counters_total, derive_seed, stable_hash, write_summary
+from .shards import ShardedStage, counters_total, derive_seed, iter_stage, stable_hash, write_summary
+
+if TYPE_CHECKING:
+    from .stages import StageContext
 
 
 def make_pairs(prompt: dict, responses: Sequence[str], min_chars: int, policy: str,
@@ -70,4 +73,12 @@ def run_sample(prompts: list[dict], out_dir: str | Path, cfg: SampleConfig) -> d
     summary = {"stage": "sample", "policy": cfg.policy, **counters_total(manifest),
                "shards": len(manifest["done"]), "time_s": round(time.monotonic() - t0, 2)}
     write_summary(out_dir, summary)
+    return summary
+
+
+def run_stage(ctx: StageContext) -> dict[str, Any]:
+    """Stage ``sample``: ``prompts`` -> ``pairs`` (the finished stage directory's records)."""
+    out = ctx.dir("sample")
+    summary = run_sample(ctx.data["prompts"], out, ctx.config.sample)
+    ctx.data["pairs"] = list(iter_stage(out))
     return summary

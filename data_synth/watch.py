@@ -1,13 +1,15 @@
-"""Stage 6: the on-policy loop. Judge the RL trainer's rollouts, retrain the RM, publish, repeat.
+"""The on-policy loop. Judge the RL trainer's rollouts, retrain the RM, publish, repeat.
 
 The RL trainer exports ``<rollouts_dir>/<run_id>/step-00000012.jsonl`` atomically (a file that exists
 is complete). Completions of one ``prompt_id`` within a step are a group; consecutive completions of
 a group form pairs (too-short, empty and identical answers dropped, as in ``sample``). Each rollout
 shard's pairs and judgments are written under ``work_dir`` with atomic writes and then recorded in
 ``state.json``; a kill between the two only means the shard is judged again, to the same bytes.
-Once ``min_new_pairs`` judged pairs arrived since the last publish, the loop aggregates everything
-judged so far, trains, and publishes; the manifest lists the rollout shards used, the policy
-versions they came from and the parent version (the base each retrain starts from is ``init_from``).
+This ingestion takes the place of the stages up to ``judge`` (:data:`data_synth.stages.STAGES`).
+Once ``min_new_pairs`` judged pairs arrived since the last publish, the loop runs the stages after
+``judge`` (aggregate, train and publish) over everything judged so far; the manifest lists the
+rollout shards used, the policy versions they came from and the parent version (the base each
+retrain starts from is ``init_from``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from salmon.errors import UserError
 
 from .config import WatchConfig
 from .sample import make_pairs
+from .stages import StageContext, run_stages, stages_after
 
 log = logging.getLogger(__name__)
 
@@ -106,29 +109,32 @@ def scan_once(cfg: WatchConfig, judge_cache: dict[str, Any]) -> dict[str, Any]:
         report["new_pairs"] += len(pairs)
     report["pending_pairs"] = state.data["pending_pairs"]
     if state.data["pending_pairs"] >= cfg.min_new_pairs:
-        report["published"] = retrain(cfg, state, pset)
+        report["published"] = retrain(cfg, state)
     return report
 
 
-def retrain(cfg: WatchConfig, state: WatchState, pset) -> str | None:
-    from .aggregate import run_aggregate
-    from .rm_train import train_reward_model
-
+def retrain(cfg: WatchConfig, state: WatchState) -> str | None:
+    """The stages after ``judge`` over every judged rollout shard; records the published version."""
     work = Path(cfg.work_dir)
     shards = sorted(state.data["consumed"])
     pairs = [p for s in shards for p in read_jsonl(work / "pairs" / s)]
     judgments = [j for s in shards for j in read_jsonl(work / "judgments" / s)]
     n = len(state.data["published"]) + 1
-    data_dir = work / "datasets" / f"round-{n:04d}"
-    agg = run_aggregate(pairs, judgments, pset, data_dir, cfg.aggregate)
-    extra = {
-        "trigger": "watch",
-        "training_data_rollouts": [str(Path(cfg.rollouts_dir) / s) for s in shards],
-        "new_rollout_shards": [s for s in shards if s not in {x for p in state.data["published"] for x in p["shards"]}],
-        "policy_versions": sorted({v for s in shards for v in state.data["consumed"][s]["policy_versions"]}),
-        "judge_pairs": len(pairs), "aggregate": {k: agg[k] for k in ("train", "eval", "rows")},
-    }
-    result = train_reward_model(data_dir / "train.jsonl", data_dir / "eval.jsonl", cfg.train, extra_manifest=extra)
+    round_dir = work / "datasets" / f"round-{n:04d}"
+
+    def manifest_extra(ctx: StageContext) -> dict[str, Any]:
+        agg = ctx.summaries["aggregate"]
+        return {
+            "trigger": "watch",
+            "training_data_rollouts": [str(Path(cfg.rollouts_dir) / s) for s in shards],
+            "new_rollout_shards": [s for s in shards if s not in {x for p in state.data["published"] for x in p["shards"]}],
+            "policy_versions": sorted({v for s in shards for v in state.data["consumed"][s]["policy_versions"]}),
+            "judge_pairs": len(pairs), "aggregate": {k: agg[k] for k in ("train", "eval", "rows")},
+        }
+
+    ctx = StageContext(config=cfg, out=round_dir, dirs={"aggregate": round_dir},
+                       data={"pairs": pairs, "judgments": judgments}, manifest_extra=manifest_extra)
+    result = run_stages(ctx, stages_after("judge")).data["reward_model"]
     state.data["published"].append({"version": result.version, "shards": shards, "round": n,
                                     "metrics": result.metrics})
     state.data["pending_pairs"] = 0

@@ -415,12 +415,6 @@ def judge_records(judge: PairJudge, pair: dict, principles: Sequence[Principle],
             for p, (ab, ba) in zip(principles, scores, strict=True)]
 
 
-def order_agreement(records: Sequence[dict]) -> float | None:
-    if not records:
-        return None
-    return sum((r["score_ab"] > 0) == (r["score_ba"] > 0) for r in records) / len(records)
-
-
 def run_judge(pairs: list[dict], out_dir: str | Path, cfg: JudgeConfig) -> dict[str, Any]:
     """Judge every pair under every selected principle into ``out_dir`` (resumable)."""
     t0 = time.monotonic()

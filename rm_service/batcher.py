@@ -68,10 +68,6 @@ class Batcher:
             self._cond.notify_all()
         self._thread.join(timeout=timeout_s)
 
-    @property
-    def queued_items(self) -> int:
-        return self._queued_items
-
     def submit(self, items: list[Prepared]) -> Future:
         job = Job(items)
         if not items:

@@ -9,8 +9,6 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from principles.schema import Principle
-
 
 def _valid_unicode(v: str) -> str:
     # JSON lets "\ud800" through as a lone surrogate: not text, and it breaks hashing and tokenizers later.
@@ -48,9 +46,6 @@ class InlinePrinciple(BaseModel):
     name: Text
     definition: Text
     negative_definition: Text | None = None
-
-    def to_principle(self) -> Principle:
-        return Principle(name=self.name, definition=self.definition, negative_definition=self.negative_definition)
 
 
 class ScoreRequest(BaseModel):

@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import get_args
 
 from pydantic import ValidationError
 
@@ -15,8 +16,10 @@ from salmon.errors import UserError
 
 
 def _settings_args(p: argparse.ArgumentParser) -> None:
+    from rm_service.settings import ScorerKind
+
     p.add_argument("--config", help="YAML file of service settings (see rm_service/settings.py)")
-    p.add_argument("--scorer", choices=["auto", "contrastive", "probe", "trained", "rule"])
+    p.add_argument("--scorer", choices=get_args(ScorerKind))
     p.add_argument("--model", help="causal LM for zero-shot scorers: 'embedded', a .gguf, or a local HF dir")
     p.add_argument("--registry", help="reward-model registry directory")
     p.add_argument("--principle-set", dest="default_principle_set", help="default principle set (name or YAML)")
@@ -97,22 +100,33 @@ def score(argv: list[str]) -> int:
     return 0
 
 
+def check_variants() -> list[str]:
+    """What ``salmon check --scorers`` accepts: the zero-shot variants, and a registry's trained version."""
+    from rm_core.checkset import ZERO_SHOT
+
+    return [*ZERO_SHOT, "trained"]
+
+
 def check(argv: list[str]) -> int:
+    from rm_core.checkset import DEFAULT_CHECK_SET, ZERO_SHOT, run_check
+
     p = argparse.ArgumentParser(prog="salmon check",
                                 description="Principle-flip rate of each scorer on the labelled check set.")
     p.add_argument("--model", default="embedded")
     p.add_argument("--check-set", help="JSONL of flip pairs (default: principles/checks/flip_pairs.jsonl)")
-    p.add_argument("--scorers", default="contrastive,contrastive-normalized,contrastive-neutral,probe",
-                   help="comma list of scorer variants")
+    p.add_argument("--scorers", default=",".join(ZERO_SHOT),
+                   help=f"comma list of scorer variants ({', '.join(check_variants())})")
     p.add_argument("--registry", help="also evaluate the CURRENT trained version of this registry")
     p.add_argument("--out", help="write the report JSON here")
     p.add_argument("--limit", type=int, help="only the first N pairs")
     args = p.parse_args(argv)
-    from rm_core.checkset import DEFAULT_CHECK_SET, run_check
-
+    variants = [s.strip() for s in args.scorers.split(",") if s.strip()]
+    unknown = [v for v in variants if v not in check_variants()]
+    if unknown:
+        raise UserError(f"--scorers: unknown scorer {', '.join(map(repr, unknown))}; "
+                        f"choose from {', '.join(check_variants())}")
     report = run_check(args.model, Path(args.check_set) if args.check_set else DEFAULT_CHECK_SET,
-                       [s.strip() for s in args.scorers.split(",") if s.strip()], registry=args.registry,
-                       limit=args.limit)
+                       variants, registry=args.registry, limit=args.limit)
     text = json.dumps(report, indent=2)
     if args.out:
         from salmon.atomic import atomic_write_text

@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# The one list of scorer kinds: `salmon serve/score --scorer` take their choices from it.
 ScorerKind = Literal["auto", "contrastive", "probe", "trained", "rule"]
 
 

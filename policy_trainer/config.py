@@ -55,15 +55,17 @@ class DataConfig(Section):
 
 
 class RetryConfig(Section):
-    max_attempts: int = Field(default=6, ge=1, description="Tries per request (1 = no retry). Retried: 429, 5xx, "
-                              "connection errors and timeouts; never other 4xx.")
+    max_attempts: int | None = Field(default=None, ge=1, description="At most this many tries per request "
+                                     "(1 = no retry; unset: no count, budget_s alone decides). Retried: 429, "
+                                     "5xx, connection errors and timeouts; never other 4xx.")
     initial_backoff_s: float = Field(default=0.5, gt=0, description="First wait; doubles per retry.")
     max_backoff_s: float = Field(default=10.0, gt=0, description="Cap on one wait (before jitter).")
     jitter: float = Field(default=0.5, ge=0, le=1, description="Fraction of each wait drawn at random, so that "
                           "replicas and ranks do not retry in lockstep.")
-    budget_s: float = Field(default=120.0, gt=0, description="Give up when the next wait would end after this "
-                            "many seconds since the first try; the step then fails, the trainer checkpoints "
-                            "and exits non-zero.")
+    budget_s: float = Field(default=120.0, gt=0, description="Keep retrying for this many seconds since the "
+                            "first try (a service restart that ends within it is ridden out; a Retry-After "
+                            "past it gives up at once); then the step fails, the trainer checkpoints and "
+                            "exits non-zero.")
 
 
 class RewardConfig(Section):

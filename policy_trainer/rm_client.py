@@ -3,8 +3,12 @@
 - Pooled keep-alive connections (``httpx.Limits``), separate connect/read timeouts.
 - Retries only what can succeed later: 429, 5xx, connection errors, timeouts. Waits grow
   exponentially with jitter (so ranks and replicas do not retry in lockstep), a ``Retry-After``
-  header is honoured, and the whole thing is bounded by attempts AND a time budget. Other 4xx
-  (401/403/404/413/422) are not retried: the same request would fail the same way.
+  header (429 queue full, 503 still loading) is honoured, and TIME bounds the whole thing: a
+  restart of the service (killed, rescheduled, reloading its model) is ridden out as long as it
+  ends within ``budget_s``, however many tries that takes; a count of tries is an optional extra
+  bound. Other 4xx (401/403/404/413/422) are not retried: the same request would fail the same way.
+- Error messages carry the service's own words: its ``{"error": {"message", "type", "param",
+  "code"}}`` body (docs/contract.md), or FastAPI's ``{"detail": ...}`` from other servers.
 - After the budget it raises :class:`RewardServiceError` naming the URL and the last error. There
   is no fallback score: a silent 0 would train the policy on noise.
 - A generation batch goes out in as few requests as the server's ``max_items`` allows, keeping a
@@ -64,7 +68,10 @@ def parse_retry_after(value: str | None) -> float | None:
 
 @dataclass
 class RetryPolicy:
-    max_attempts: int = 6
+    """When to try again: until ``budget_s`` has passed since the first try (the last wait is cut to end
+    at the budget, so the final try lands there); ``max_attempts`` (None: no count) can stop it sooner."""
+
+    max_attempts: int | None = None
     initial_backoff_s: float = 0.5
     max_backoff_s: float = 10.0
     jitter: float = 0.5
@@ -210,14 +217,19 @@ class RewardClient:
                                              retryable=False, attempts=attempt, status=resp.status_code)
                 retry_after = parse_retry_after(resp.headers.get("Retry-After"))
             elapsed = time.monotonic() - start
+            left = self.retry.budget_s - elapsed
             wait = self.retry.backoff(attempt)
             if retry_after is not None:
                 wait = max(wait, retry_after)
-            if attempt >= self.retry.max_attempts or elapsed + wait > self.retry.budget_s:
+            out_of_tries = self.retry.max_attempts is not None and attempt >= self.retry.max_attempts
+            # A Retry-After past the budget means the service itself says it will not be back in time.
+            if out_of_tries or left <= 0 or (retry_after is not None and retry_after > left):
+                tries = f", at most {self.retry.max_attempts} tries" if self.retry.max_attempts else ""
                 raise RewardServiceError(
                     self.url, f"reward service {self.url} unreachable: {method} {path} failed {attempt} times "
-                    f"over {elapsed:.1f} s (retry budget {self.retry.max_attempts} tries / "
-                    f"{self.retry.budget_s:g} s); last error: {last}", attempts=attempt)
+                    f"over {elapsed:.1f} s (retry budget {self.retry.budget_s:g} s{tries}); last error: {last}",
+                    attempts=attempt)
+            wait = min(wait, left)
             log.warning("reward service %s%s: %s; retry %d in %.2f s", self.url, path, last, attempt, wait)
             if stats is not None:
                 stats.retries += 1
@@ -341,11 +353,18 @@ def _halve(pieces: list[tuple[int, int, int]]) -> list[list[tuple[int, int, int]
 
 
 def _detail(resp: httpx.Response) -> str:
+    """What the server said went wrong: salmon's error object as "message (type, param)", else the
+    body's ``detail``, else the raw text."""
     try:
         body = resp.json()
-        detail = body.get("detail", body) if isinstance(body, dict) else body
     except ValueError:
-        detail = resp.text
+        return resp.text[:300]
+    err = body.get("error") if isinstance(body, dict) else None
+    if isinstance(err, dict) and isinstance(err.get("message"), str):
+        extra = ", ".join(str(err[k]) if k == "type" else f"{k} {err[k]}"
+                          for k in ("type", "param") if err.get(k))
+        return (err["message"] + (f" ({extra})" if extra else ""))[:300]
+    detail = body.get("detail", body) if isinstance(body, dict) else body
     return str(detail)[:300]
 
 

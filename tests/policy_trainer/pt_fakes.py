@@ -3,8 +3,10 @@
 ``contract_app`` is a small FastAPI app implementing /v1/score, /v1/model, principle-set PUT/GET,
 /get_reward and health with the rule scorer's formula (regex count minus a per-character
 penalty), plus fault injection (scripted statuses, Retry-After). It lets the client and trainer
-be tested before, and independently of, rm_service; the end-to-end tests also run against the
-real rm_service app when it is importable.
+be tested independently of rm_service's scoring; the end-to-end tests also run against the real
+rm_service app. Its errors are the service's own: raised as rm_service.errors types and rendered
+by rm_service.app.error_body, so every error body is ``{"error": {"message", "type", "param",
+"code"}}`` with the headers (Retry-After, WWW-Authenticate) the real service sends.
 
 ``Recorder`` is pure ASGI middleware that records every request and response body of ANY app
 (the real service included), so tests can check what the service received and returned.
@@ -22,6 +24,39 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from principles.schema import PrincipleSetError, load_principle_set, parse_principle_set
+from rm_service.app import error_body
+from rm_service.errors import (
+    Forbidden,
+    InvalidRequest,
+    NotFound,
+    NotReady,
+    Overloaded,
+    PayloadTooLarge,
+    ScoringFailed,
+    ServiceError,
+    Unauthorized,
+)
+
+# The error type the real service raises for each status a test may script.
+ERROR_FOR_STATUS: dict[int, type[ServiceError]] = {
+    401: Unauthorized, 403: Forbidden, 404: NotFound, 413: PayloadTooLarge, 422: InvalidRequest,
+    429: Overloaded, 500: ScoringFailed, 503: NotReady}
+
+
+def service_error(status: int, message: str) -> ServiceError:
+    """The error the real service would raise with ``status``; 502/504 (a proxy's) as a bare ServiceError."""
+    cls = ERROR_FOR_STATUS.get(status)
+    if cls is None:
+        err = ServiceError(message)
+        err.status = status
+        return err
+    return cls(message)
+
+
+def error_response(exc: ServiceError) -> JSONResponse:
+    """Exactly what rm_service.app's handler sends for ``exc``."""
+    return JSONResponse(error_body(exc.status, exc.type, exc.message, exc.param), status_code=exc.status,
+                        headers=exc.headers)
 
 
 def rule_score(text: str, pattern: str, penalty: float) -> float:
@@ -54,17 +89,19 @@ def contract_app(*, pattern: str = r"[aeiou]", penalty: float = 0.01, max_items:
             return None
         got = request.headers.get("authorization", "")
         if not got:
-            return JSONResponse({"detail": "missing Authorization: Bearer key"}, status_code=401)
+            return error_response(Unauthorized("missing Authorization: Bearer key"))
         if got != f"Bearer {key}":
-            return JSONResponse({"detail": "wrong key"}, status_code=403)
+            return error_response(Forbidden("the key is not valid for this route"))
         return None
 
     def injected() -> JSONResponse | None:
         status = faults.next()
         if status is None:
             return None
-        headers = {"Retry-After": faults.retry_after} if faults.retry_after and status == 429 else {}
-        return JSONResponse({"detail": f"injected {status}"}, status_code=status, headers=headers)
+        err = service_error(status, f"injected fault: HTTP {status} scripted by the test")
+        if faults.retry_after and status in (429, 503):
+            err.headers["Retry-After"] = faults.retry_after
+        return error_response(err)
 
     @app.get("/readyz")
     @app.get("/healthz")
@@ -83,9 +120,10 @@ def contract_app(*, pattern: str = r"[aeiou]", penalty: float = 0.01, max_items:
         try:
             pset = parse_principle_set(await request.json())
         except PrincipleSetError as e:
-            return JSONResponse({"detail": str(e)}, status_code=422)
+            return error_response(InvalidRequest(str(e)))
         if pset.name != name:
-            return JSONResponse({"detail": "name in path and body differ"}, status_code=422)
+            return error_response(InvalidRequest(f"the name in the path ({name!r}) and the body ({pset.name!r}) "
+                                                 "differ", param="name"))
         sets[name] = pset
         return {"name": name, "hash": pset.hash, "ref": pset.ref}
 
@@ -94,7 +132,7 @@ def contract_app(*, pattern: str = r"[aeiou]", penalty: float = 0.01, max_items:
         if (d := denied(request)) is not None:
             return d
         if name not in sets:
-            return JSONResponse({"detail": f"unknown principle set {name!r}"}, status_code=404)
+            return error_response(NotFound(f"unknown principle set {name!r}", param="name"))
         return {**sets[name].canonical(), "hash": sets[name].hash}
 
     @app.post("/v1/score")
@@ -104,15 +142,16 @@ def contract_app(*, pattern: str = r"[aeiou]", penalty: float = 0.01, max_items:
         body = await request.json()
         items = body.get("items")
         if not isinstance(items, list) or not items:
-            return JSONResponse({"detail": "items: give at least one item"}, status_code=422)
+            return error_response(InvalidRequest("items: give at least one item", param="items"))
         if len(items) > max_items:
-            return JSONResponse({"detail": f"items: {len(items)} > max_items {max_items}"}, status_code=413)
+            return error_response(PayloadTooLarge(f"{len(items)} items in one request; the limit is {max_items}. "
+                                                  "Split the request", param="items"))
         ref = body.get("principle_set")
         set_hash = ""
         if body.get("principles") is None and ref:
             name, _, h = ref.partition("@")
             if name not in sets or (h and sets[name].hash != h):
-                return JSONResponse({"detail": f"unknown principle set {ref!r}"}, status_code=404)
+                return error_response(NotFound(f"unknown principle set {ref!r}", param="principle_set"))
             set_hash = sets[name].hash
         scores = [rule_score(it["response"], pattern, penalty) for it in items]
         return {"scores": scores, "model_version": "rule", "principle_set_hash": set_hash,

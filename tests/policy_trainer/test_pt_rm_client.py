@@ -136,13 +136,14 @@ def test_scores_in_order_with_server_limit_and_inline_principles(fake_service):
 
 
 def test_retries_5xx_and_429_honouring_retry_after(fake_service):
-    fake_service.faults.statuses[:] = [503, 429]
+    # 500 (scoring failed) carries no Retry-After in the real contract: plain backoff; 429 does
+    fake_service.faults.statuses[:] = [500, 429]
     fake_service.faults.retry_after = "0.7"
     sleeps = Sleeps()
     client = client_for(fake_service.url, sleep=sleeps)
     out = run(client.score_groups(groups_of(1, 2)))
     assert len(out[0]) == 2
-    assert [c["status"] for c in fake_service.recorder.calls if c["path"] == "/v1/score"] == [503, 429, 200]
+    assert [c["status"] for c in fake_service.recorder.calls if c["path"] == "/v1/score"] == [500, 429, 200]
     assert len(sleeps.waits) == 2 and sleeps.waits[0] < 0.7 and sleeps.waits[1] >= 0.7
     assert client.last.retries == 2 and client.last.requests == 3
 
@@ -158,6 +159,47 @@ def test_other_4xx_are_not_retried(fake_service, status):
     assert ei.value.status == status and not ei.value.retryable
     assert sleeps.waits == []
     assert len([c for c in fake_service.recorder.calls if c["path"] == "/v1/score"]) == 1
+
+
+def test_time_governs_by_default_not_a_count_of_tries(monkeypatch):
+    """With the default policy a dead URL is retried until the budget is spent, however many tries that is;
+    the last wait is cut so the final try lands at the budget."""
+    import policy_trainer.rm_client as rm_client_module
+
+    url = f"http://127.0.0.1:{free_port()}"
+    waited = [0.0]
+
+    async def sleep(s: float) -> None:
+        waited[0] += s
+        await asyncio.sleep(0)
+
+    class ClockOfWaits:  # the client's clock advances by the waits it asked for (the test stays fast)
+        time = staticmethod(time.time)
+
+        @staticmethod
+        def monotonic() -> float:
+            return real_monotonic() + waited[0]
+
+    real_monotonic = time.monotonic
+    monkeypatch.setattr(rm_client_module, "time", ClockOfWaits)
+    policy = RetryPolicy(budget_s=90, rng=random.Random(0))
+    assert policy.max_attempts is None
+    client = RewardClient(url, retry=policy, sleep=sleep, max_items=8)
+    with pytest.raises(RewardServiceError) as ei:
+        run(client.score_groups(groups_of(1, 2)))
+    assert ei.value.attempts > 6  # more tries than a count cap of 6 would have allowed
+    assert 89 <= waited[0] <= 90  # waited out the whole budget, never past it
+    assert "retry budget 90 s)" in str(ei.value)
+
+
+def test_error_messages_carry_the_service_error_object(fake_service):
+    fake_service.faults.statuses[:] = [422]
+    client = client_for(fake_service.url, max_items=1)
+    with pytest.raises(RewardServiceError) as ei:
+        run(client.score_groups(groups_of(1, 1)))
+    msg = str(ei.value)
+    assert "HTTP 422: injected fault: HTTP 422 scripted by the test (invalid_request)" in msg
+    assert "{" not in msg  # the message, not the raw body
 
 
 def test_gives_up_after_attempts_naming_url_and_last_error():

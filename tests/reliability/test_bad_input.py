@@ -107,6 +107,7 @@ def test_any_json_on_any_write_endpoint_never_5xx(rule_server, endpoint, body):
 def test_invalid_json_and_utf8_are_4xx_that_say_why(rule_server, endpoint, raw):
     _count("raw_bytes_bodies")
     r = rule_server.request(endpoint[0], endpoint[1], content=raw, headers={"content-type": "application/json"})
+    assert 400 <= r.status_code < 500, (endpoint, raw, r.status_code, r.text[:300])
     assert_error_body(r, (endpoint, raw))
 
 
@@ -242,3 +243,25 @@ def test_malformed_principle_set_yaml_is_one_clear_error(tmp_path_factory, text)
         assert str(e).startswith(str(f)) and len(str(e)) > len(str(f)) + 10, str(e)
     else:
         assert s.principles and json.dumps(s.canonical())
+
+
+@pytest.mark.parametrize("where", ["top", "value"])
+def test_yaml_tags_in_a_principle_set_are_never_executed(tmp_path, where):
+    """A tag whose execution is observable (it would create a directory): loading the set must not create it.
+    The control shows the same text does create it under an unsafe loader, so the check can fail."""
+    import yaml
+
+    def tagged(marker) -> str:
+        tag = f"!!python/object/apply:os.mkdir ['{marker}']"
+        return tag + "\n" if where == "top" else f"name: x\nprinciples:\n  - name: a\n    definition: {tag}\n"
+
+    control = tmp_path / "control-ran"
+    yaml.unsafe_load(tagged(control))
+    assert control.is_dir()  # the tag is live: executing it leaves a trace
+
+    marker = tmp_path / "tag-ran"
+    f = tmp_path / "set.yaml"
+    f.write_text(tagged(marker))
+    with pytest.raises(PrincipleSetError):
+        load_principle_set(f)
+    assert not marker.exists()

@@ -60,6 +60,20 @@ def _check_registry(reg: Registry) -> list[str]:
     return versions
 
 
+def _half_versions(reg: Registry, root: Path) -> int:
+    """Version directories a reader could find that are not complete, verifiable versions."""
+    listed = set(reg.versions())
+    half = 0
+    for d in root.iterdir():
+        if d.is_dir() and not d.name.startswith("."):
+            try:
+                ok = d.name in listed and len(reg.manifest(d.name, verify=True).files) == 13
+            except Exception:  # noqa: BLE001 - a manifest that does not verify is exactly a half version
+                ok = False
+            half += not ok
+    return half
+
+
 def _start_publisher(build: Path, root: Path) -> subprocess.Popen:
     p = subprocess.Popen([sys.executable, "-c", PUBLISHER, str(build), str(root), PROMPT_FORMAT_VERSION],
                          stdout=subprocess.PIPE, text=True, cwd=REPO)
@@ -78,7 +92,7 @@ def test_publisher_sigkilled_at_random_points_never_leaves_a_half_version(tmp_pa
     first = p.stdout.readline().strip()
     assert p.wait(timeout=60) == 0 and first == "v0001"
     duration = time.monotonic() - t0
-    kills, completed, outcomes = 0, 1, []
+    kills, completed, outcomes, half_versions_seen = 0, 1, [], 0
     for _ in range(10):
         p = _start_publisher(build, root)
         delay = rng.uniform(0, duration)
@@ -92,6 +106,7 @@ def test_publisher_sigkilled_at_random_points_never_leaves_a_half_version(tmp_pa
         completed += finished
         leftovers = sorted(x.name for x in root.iterdir() if x.name.startswith("."))
         outcomes.append(("completed" if finished else "killed", round(delay, 3), bool(leftovers)))
+        half_versions_seen += _half_versions(reg, root)
         _check_registry(reg)
     # After all that, a publish succeeds, takes the next number, and cleans up staging leftovers.
     p = _start_publisher(build, root)
@@ -103,8 +118,11 @@ def test_publisher_sigkilled_at_random_points_never_leaves_a_half_version(tmp_pa
     record("registry publisher SIGKILL", publishes_started=12, sigkills=kills,
            killed_with_staging_left=sum(1 for o in outcomes if o[0] == "killed" and o[2]),
            completed=completed + 1, versions=len(versions), publish_s=round(duration, 3),
-           half_versions_seen=0)
+           half_versions_seen=half_versions_seen)
     assert kills >= 5, outcomes  # the delays did land inside publishes
+    # at least one kill landed mid-copy (a staging directory left behind), so that case was exercised
+    assert any(o[0] == "killed" and o[2] for o in outcomes), outcomes
+    assert half_versions_seen == 0, outcomes
 
 
 @pytest.fixture()

@@ -74,9 +74,12 @@ def test_every_route_enforces_its_key(keyed, method, path):
     if (method, path) in ADMIN:
         assert user.status_code == 403 and "admin key" in user.json()["error"]["message"]
         assert admin.status_code not in (401, 403), admin.text
+        assert_error_body(admin, (method, path))  # past auth: a real answer, never a 500
     else:
         assert user.status_code not in (401, 403), user.text
         assert admin.status_code not in (401, 403), admin.text  # the admin key is a superset
+        assert_error_body(user, (method, path))  # past auth: a real answer, never a 500
+        assert_error_body(admin, (method, path))
 
 
 def test_keys_are_compared_in_constant_time(keyed, monkeypatch):

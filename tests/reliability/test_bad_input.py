@@ -107,7 +107,14 @@ def test_any_json_on_any_write_endpoint_never_5xx(rule_server, endpoint, body):
 def test_invalid_json_and_utf8_are_4xx_that_say_why(rule_server, endpoint, raw):
     _count("raw_bytes_bodies")
     r = rule_server.request(endpoint[0], endpoint[1], content=raw, headers={"content-type": "application/json"})
-    assert 400 <= r.status_code < 500, (endpoint, raw, r.status_code, r.text[:300])
+    try:
+        parsed, is_json = (json.loads(raw) if raw.strip() else None), True
+    except ValueError:
+        parsed, is_json = None, False
+    # reload's body is optional (empty or {} means "reload CURRENT"): those few raws are valid requests
+    valid = endpoint == ("POST", "/v1/admin/reload") and is_json and parsed in (None, {})
+    if not valid:
+        assert 400 <= r.status_code < 500, (endpoint, raw, r.status_code, r.text[:300])
     assert_error_body(r, (endpoint, raw))
 
 

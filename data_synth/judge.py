@@ -31,13 +31,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
-from transformers import DynamicCache
 
 from principles.schema import Principle, PrincipleSet, load_principle_set
+from rm_core.batching import right_pad
+from rm_core.prefix_attention import expanded_prefix_forward
 from rm_core.render import defuse, special_token_strings
 from salmon.atomic import file_sha256
 from salmon.errors import UserError
-from salmon.modeling import kv_cache_kwargs, returned_kv_cache
+from salmon.modeling import returned_kv_cache
 
 from .config import JudgeConfig
 from .shards import ShardedStage, counters_total, iter_stage, stable_hash, write_summary
@@ -131,12 +132,7 @@ class LocalABJudge(_ABJudge):
         self.stats = {"forward_calls": 0, "sequences": 0, "tokens": 0}
 
     def _pad_right(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, :len(r)] = torch.tensor(r)
-            mask[i, :len(r)] = 1
+        ids, mask = right_pad(rows, self.pad_id)
         return ids, mask, torch.tensor([len(r) for r in rows])
 
     def _choice_diff(self, logits: torch.Tensor, lengths: torch.Tensor) -> list[float]:
@@ -157,15 +153,8 @@ class LocalABJudge(_ABJudge):
             chunk = suffixes[i:i + self.batch_size]
             if self.prefix_reuse:
                 ids, mask, lengths = self._pad_right(chunk)
-                # Each row attends to the whole shared prefix, then to its own suffix; right padding keeps
-                # the suffix positions at len(prefix) + t for every row, as in the unshared forward.
-                full_mask = torch.cat([torch.ones((len(chunk), len(prefix)), dtype=torch.long), mask], dim=1)
-                n = len(chunk)
-                # expand() makes batch-n views of the prefix keys/values without copying them.
-                c = DynamicCache(ddp_cache_data=[(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1))
-                                                 for k, v in prefix_kv], config=self.model.config)
-                logits = self.model(input_ids=ids.to(dev), attention_mask=full_mask.to(dev),
-                                    use_cache=True, **kv_cache_kwargs(self.model, c)).logits
+                # Each row attends to the whole shared prefix (views, not copies), then to its own suffix.
+                logits = expanded_prefix_forward(self.model, prefix_kv, ids.to(dev), mask.to(dev)).logits
                 self._count(len(chunk), int(lengths.sum()))
             else:
                 ids, mask, lengths = self._pad_right([prefix + s for s in chunk])

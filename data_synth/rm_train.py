@@ -82,19 +82,16 @@ def render_dataset(renderer, rows: Sequence[dict], max_length: int) -> tuple[lis
 @torch.no_grad()
 def rewards(model, seqs: Sequence[Sequence[int]], pad_id: int, batch_size: int = 16) -> list[float]:
     """Raw head outputs at the last token, right-padded batches (as the service computes them)."""
+    from rm_core.batching import right_pad
+
     model.eval()
     dev = next(model.parameters()).device
     out: list[float] = [0.0] * len(seqs)
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))  # similar lengths share a batch
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
-        width = max(len(seqs[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, i in enumerate(idx):
-            ids[j, :len(seqs[i])] = torch.tensor(list(seqs[i]))
-            mask[j, :len(seqs[i])] = 1
-        vals = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits[:, 0].float().tolist()
+        ids, mask = right_pad([seqs[i] for i in idx], pad_id, dev)
+        vals = model(input_ids=ids, attention_mask=mask).logits[:, 0].float().tolist()
         for j, i in enumerate(idx):
             out[i] = vals[j]
     return out

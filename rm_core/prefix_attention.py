@@ -23,6 +23,10 @@ path within fp tolerance (tests/rm_core/test_prefix_cache.py).
 The function is registered with transformers' AttentionInterface; it is switched on only for the
 suffix forward (:func:`cascade_attention`), under the scorer's lock, and for any call without
 ``prefix_kv`` it is plain SDPA, mask and all.
+
+The two suffix forwards live here once, for every caller that runs suffixes after a shared prefix
+(the causal-LM scorers, the A/B judge): :func:`cascade_prefix_forward` and
+:func:`expanded_prefix_forward`, the plain way above, which works on any device and model.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from salmon.modeling import kv_cache_kwargs
 
 NAME = "salmon_prefix_cascade"
 _flash_cpu = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -103,3 +109,43 @@ def cascade_attention(config) -> Iterator[None]:
         yield
     finally:
         config._attn_implementation = old
+
+
+def _suffix_positions(prefix_kv: KV, ids: torch.Tensor) -> torch.Tensor:
+    """Position ids of right-padded suffixes: every row continues right after the prefix."""
+    prefix_len = prefix_kv[0][0].shape[2]
+    b, w = ids.shape
+    return torch.arange(prefix_len, prefix_len + w, device=ids.device)[None].expand(b, -1)
+
+
+def cascade_prefix_forward(model: torch.nn.Module, prefix_kv: KV, ids: torch.Tensor):
+    """Run right-padded suffixes ``ids`` [b, w] after one shared prefix through the cascade.
+
+    ``prefix_kv``: per layer [1, kv_heads, prefix tokens, head_dim], used as it is. ``model`` is a
+    transformers decoder or causal LM for which :func:`cascade_available` holds; its output is returned.
+    The caller holds the model's lock (see :func:`cascade_attention`).
+    """
+    with cascade_attention(model.config):
+        return model(input_ids=ids, position_ids=_suffix_positions(prefix_kv, ids), use_cache=False,
+                     prefix_kv=prefix_kv)
+
+
+def expanded_prefix_forward(model: torch.nn.Module, prefix_kv: KV, ids: torch.Tensor, suffix_mask: torch.Tensor,
+                            config=None):
+    """Run right-padded suffixes ``ids`` [b, w] (real tokens where ``suffix_mask`` is 1) after one shared
+    prefix, the plain way: the prefix's keys/values expanded to b rows (views, not copies) as the
+    key/value cache, a mask over prefix + suffix, positions continuing the prefix's (right padding keeps
+    a real token at the position it has in the unshared sequence).
+
+    ``prefix_kv``: per layer [1, kv_heads, prefix tokens, head_dim]. ``model`` is a transformers decoder
+    or causal LM; ``config`` (default ``model.config``) shapes the cache. Returns the model's output.
+    """
+    from transformers import DynamicCache
+
+    b = ids.shape[0]
+    prefix_len = prefix_kv[0][0].shape[2]
+    kv = [(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in prefix_kv]
+    cache = DynamicCache(ddp_cache_data=kv, config=model.config if config is None else config)
+    mask = torch.cat([torch.ones((b, prefix_len), dtype=torch.long, device=ids.device), suffix_mask], 1)
+    return model(input_ids=ids, attention_mask=mask, position_ids=_suffix_positions(prefix_kv, ids), use_cache=True,
+                 **kv_cache_kwargs(model, cache))

@@ -16,6 +16,11 @@ object is captured at prepare time, so a reload never changes the version mid-re
 
 ``score_items`` is the offline entry point (check set, data_synth's label source, tests): the same
 prepare/compute/combine path the service runs, without HTTP.
+
+The pieces of a causal-LM scorer's forward are public (:class:`CausalLMScorer`): the prefix forward
+(:meth:`~CausalLMScorer.extend_prefix`), the suffix forward against a cached prefix, the response
+log-probabilities of a prefix's suffixes and of full padded sequences. The service's cached path and
+the no-cache path are built from them, and so are the benchmark's limit and baseline.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import logging
 import re
 import threading
 from abc import ABC, abstractmethod
+from collections import defaultdict
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +37,9 @@ from pathlib import Path
 import torch
 
 from principles.schema import Principle
-from rm_core.prefix_cache import PrefixCache
+from rm_core.batching import right_pad
+from rm_core.prefix_attention import cascade_available, cascade_prefix_forward, expanded_prefix_forward
+from rm_core.prefix_cache import PrefixAttention, PrefixCache, PrefixEntry, PrefixKey, prefix_key
 from rm_core.render import (
     PROMPT_FORMAT_VERSION,
     Prompt,
@@ -40,7 +48,14 @@ from rm_core.render import (
     RenderError,
     principle_block,
 )
-from salmon.modeling import ModelOptions, load_causal_lm, load_sequence_classifier, load_tokenizer
+from salmon.modeling import (
+    ModelOptions,
+    kv_cache_kwargs,
+    load_causal_lm,
+    load_sequence_classifier,
+    load_tokenizer,
+    returned_kv_cache,
+)
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +149,7 @@ class LMScorer(Scorer):
         self._lock = threading.Lock()  # one forward at a time per model: the worker and offline callers
 
     # -- batching helpers ---------------------------------------------------------------------
-    def _chunks(self, order: list[int], lengths: list[int]) -> list[list[int]]:
+    def chunks(self, order: list[int], lengths: list[int]) -> list[list[int]]:
         """Split indices (sorted by length, longest first) so padded tokens fit the budget and padding
         stays under ``max_padding`` of the real tokens.
 
@@ -155,15 +170,9 @@ class LMScorer(Scorer):
             chunks.append(cur)
         return chunks
 
-    def _pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(r) for r in rows)
-        pad = self.tokenizer.pad_token_id
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for j, r in enumerate(rows):
-            ids[j, :len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[j, :len(r)] = 1
-        return ids.to(self.device), mask.to(self.device)
+    def pad(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded ``(ids, mask)`` of ``rows`` on the model's device, with the tokenizer's pad id."""
+        return right_pad(rows, self.tokenizer.pad_token_id, self.device)
 
     def _batched(self, seqs: list[RenderedInput],
                  fn: Callable[[torch.Tensor, torch.Tensor, list[RenderedInput]], list[float]]) -> list[float]:
@@ -171,33 +180,165 @@ class LMScorer(Scorer):
         lengths = [len(s) for s in seqs]
         order = sorted(range(len(seqs)), key=lambda i: -lengths[i])
         out = [0.0] * len(seqs)
-        for chunk in self._chunks(order, lengths):
+        for chunk in self.chunks(order, lengths):
             rows = [seqs[i] for i in chunk]
-            ids, mask = self._pad([r.input_ids for r in rows])
+            ids, mask = self.pad([r.input_ids for r in rows])
             for i, v in zip(chunk, fn(ids, mask, rows), strict=True):
                 out[i] = float(v)
         return out
 
 
 class CausalLMScorer(LMScorer):
-    """Scorers whose value comes from a causal LM's next-token distribution."""
+    """Scorers whose value comes from a causal LM's next-token distribution.
 
-    def _decoder(self):
+    The forward's pieces are public so that every path to Σ log p(response | prefix) is built from the
+    same code: no cache (:meth:`padded_response_logprobs` per length-sorted chunk), the prefix cache
+    (:meth:`cached_response_logprobs`), and callers that keep prefixes themselves
+    (:meth:`extend_prefix` then :meth:`prefix_response_logprobs`). None of them takes the scorer's lock;
+    :meth:`Scorer.compute` does, so concurrent callers go through it.
+    """
+
+    @property
+    def decoder(self) -> torch.nn.Module:
+        """The model without its lm_head: what returns the last hidden states."""
         return self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.base_model
 
-    def _lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 next-token logits [rows, vocab] from hidden states [rows, hidden]."""
         return self.model.get_output_embeddings()(hidden).float()
 
-    def _response_logprob_sum(self, hidden_rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def response_logprob_sum(self, hidden_rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Σ log p(target | hidden) over rows, computed in chunks to bound the logits tensor."""
         total = torch.zeros((), dtype=torch.float32, device=hidden_rows.device)
         for s in range(0, hidden_rows.shape[0], LOGIT_CHUNK):
-            logits = self._lm_head(hidden_rows[s:s + LOGIT_CHUNK])
+            logits = self.lm_logits(hidden_rows[s:s + LOGIT_CHUNK])
             # log_softmax then gather, not logit − logsumexp: on CPU torch's logsumexp is the slower of the
             # two (measured on [200, 49152] fp32 logits: 176 ms vs 334 ms including the lm_head matmul).
             lp = torch.log_softmax(logits, dim=-1)
             total = total + lp.gather(1, targets[s:s + LOGIT_CHUNK, None]).sum()
         return total
+
+    @torch.inference_mode()
+    def padded_response_logprobs(self, seqs: Sequence[RenderedInput]) -> list[float]:
+        """Σ log p(response | prefix) per sequence: ONE forward over the full sequences, right-padded together."""
+        ids, mask = self.pad([s.input_ids for s in seqs])
+        return self._padded_logprobs(ids, mask, seqs)
+
+    def _padded_logprobs(self, ids: torch.Tensor, mask: torch.Tensor, seqs: Sequence[RenderedInput]) -> list[float]:
+        hidden = self.decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        out = []
+        for j, s in enumerate(seqs):
+            p, n = len(s.prefix_ids), len(s.response_ids)
+            out.append(float(self.response_logprob_sum(hidden[j, p - 1:p + n - 1], ids[j, p:p + n])))
+        return out
+
+    # -- prefix reuse ---------------------------------------------------------------------------
+    def uses_cascade(self, attention: PrefixAttention) -> bool:
+        """Whether suffixes attend to a cached prefix through the cascade (else the expanded cache)."""
+        return attention == "auto" and cascade_available(self.model, self.device)
+
+    @torch.inference_mode()
+    def extend_prefix(self, base: PrefixEntry | None, ids: tuple[int, ...],
+                      base_key: PrefixKey | None = None) -> PrefixEntry:
+        """Run ``ids`` (batch 1) after ``base``; the entry keeps only the new tokens' keys/values.
+        ``base_key`` is ``base``'s key in a :class:`PrefixCache`, for an entry that will be put there."""
+        from transformers import DynamicCache
+
+        decoder = self.decoder
+        start = base.length if base else 0
+        x = torch.tensor([ids], dtype=torch.long, device=self.device)
+        cache = DynamicCache(ddp_cache_data=base.full_kv() if base else None, config=self.model.config)
+        mask = torch.ones((1, start + len(ids)), dtype=torch.long, device=self.device)
+        pos = torch.arange(start, start + len(ids), device=self.device)[None]
+        out = decoder(input_ids=x, attention_mask=mask, position_ids=pos, use_cache=True,
+                      **kv_cache_kwargs(decoder, cache))
+        # A slice is a view of the whole [base + new] tensor; clone so the entry holds only its own part.
+        kv = [(layer.keys[:, :, start:].clone(), layer.values[:, :, start:].clone())
+              for layer in returned_kv_cache(out).layers]
+        last = out.last_hidden_state[0, -1].clone()
+        nbytes = sum(k.nbytes + v.nbytes for k, v in kv) + last.nbytes
+        return PrefixEntry(kv, last, start + len(ids), nbytes, parent=base, parent_key=base_key)
+
+    def suffix_hidden_states(self, prefix_kv: list[tuple[torch.Tensor, torch.Tensor]], ids: torch.Tensor,
+                             suffix_mask: torch.Tensor, cascade: bool) -> torch.Tensor:
+        """Last hidden states of right-padded suffixes ``ids`` [b, w] that all follow one cached prefix.
+
+        ``prefix_kv``: per layer [1, kv_heads, prefix tokens, head_dim].
+        """
+        if cascade:
+            return cascade_prefix_forward(self.decoder, prefix_kv, ids).last_hidden_state
+        return expanded_prefix_forward(self.decoder, prefix_kv, ids, suffix_mask,
+                                       config=self.model.config).last_hidden_state
+
+    @torch.inference_mode()
+    def prefix_response_logprobs(self, entry: PrefixEntry, responses: Sequence[Sequence[int]],
+                                 cascade: bool) -> list[float]:
+        """Σ log p(response | prefix) for ``responses`` that all follow the prefix ``entry``: length-sorted
+        chunks of right-padded suffixes against its keys/values, the first token from its last hidden state."""
+        prefix_kv = entry.full_kv()
+        first_lp = torch.log_softmax(self.lm_logits(entry.last_hidden[None]), dim=-1)[0]
+        lengths = [len(r) for r in responses]
+        order = sorted(range(len(responses)), key=lambda i: -lengths[i])
+        out = [0.0] * len(responses)
+        for chunk in self.chunks(order, lengths):
+            ids, smask = self.pad([list(responses[i]) for i in chunk])
+            hidden = self.suffix_hidden_states(prefix_kv, ids, smask, cascade)
+            for j, i in enumerate(chunk):
+                r = lengths[i]
+                total = first_lp[ids[j, 0]]
+                if r > 1:
+                    total = total + self.response_logprob_sum(hidden[j, :r - 1], ids[j, 1:r])
+                out[i] = float(total)
+        return out
+
+    def _cached_prefix(self, cache: PrefixCache, system: tuple[int, ...], prompt: tuple[int, ...]
+                       ) -> tuple[PrefixEntry, int]:
+        """The (system + prompt) entry, and how many of its tokens came from ``cache``."""
+        v = self.version
+        full = cache.get(v, system + prompt)
+        if full is not None:
+            return full, full.length
+        sys_entry = cache.get(v, system)
+        cached = sys_entry.length if sys_entry else 0
+        if sys_entry is None:
+            sys_entry = self.extend_prefix(None, system)
+            cache.put(v, system, sys_entry)
+        entry = self.extend_prefix(sys_entry, prompt, prefix_key(v, system)) if prompt else sys_entry
+        cache.put(v, system + prompt, entry)
+        return entry, cached
+
+    @torch.inference_mode()
+    def cached_response_logprobs(self, seqs: list[RenderedInput], cache: PrefixCache | None = None
+                                 ) -> tuple[list[float], list[int]]:
+        """Σ log p(response | prefix) per sequence via shared prefixes kept in ``cache`` (default: the
+        scorer's own), and how many of each sequence's tokens came from the cache.
+
+        1. the principle block (system segment) is computed once per (model version, token ids) and kept;
+        2. the prompt segment is computed on top of it once per request group (and kept too: a rescored
+           prompt, or the k+1 variants of the contrastive scorer, hit it);
+        3. the responses of a group run as batches of right-padded suffixes with explicit position ids,
+           attending to the prefix through rm_core/prefix_attention.py's cascade (the prefix's keys and
+           values used as cached, never copied per row) where torch's fused CPU kernel exists, else
+           through a key/value cache expanded to the batch (``cache.attention == "expanded"``).
+
+        Values equal the no-cache path within fp tolerance (tests/rm_core/test_prefix_cache.py).
+        """
+        cache = self.prefix_cache if cache is None else cache
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, s in enumerate(seqs):
+            groups[(s.system_ids, s.prompt_ids)].append(i)
+        out = [0.0] * len(seqs)
+        cached = [0] * len(seqs)
+        cascade = self.uses_cascade(cache.attention)
+        for (system, prompt), idx in groups.items():
+            entry, hit = self._cached_prefix(cache, system, prompt)
+            # Within a group only the first sequence pays for the prefix; the rest reuse it.
+            for n, i in enumerate(idx):
+                cached[i] = hit if n == 0 else entry.length
+            values = self.prefix_response_logprobs(entry, [seqs[i].response_ids for i in idx], cascade)
+            for i, v in zip(idx, values, strict=True):
+                out[i] = v
+        return out, cached
 
 
 class ContrastiveScorer(CausalLMScorer):
@@ -231,23 +372,13 @@ class ContrastiveScorer(CausalLMScorer):
     def compute(self, seqs: list[RenderedInput]) -> tuple[list[float], list[int]]:
         with self._lock:
             if self.prefix_cache is not None and self.prefix_cache.enabled:
-                return self.prefix_cache.response_logprobs(self, seqs)
+                return self.cached_response_logprobs(seqs)
             return self.full_response_logprobs(seqs), [0] * len(seqs)
 
     @torch.inference_mode()
     def full_response_logprobs(self, seqs: list[RenderedInput]) -> list[float]:
         """The no-cache path: every sequence in full, right-padded, batched by token budget."""
-        decoder = self._decoder()
-
-        def run(ids, mask, rows):
-            hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
-            out = []
-            for j, r in enumerate(rows):
-                p, n = len(r.prefix_ids), len(r.response_ids)
-                out.append(self._response_logprob_sum(hidden[j, p - 1:p + n - 1], ids[j, p:p + n]))
-            return out
-
-        return self._batched(seqs, run)
+        return self._batched(seqs, self._padded_logprobs)
 
 
 def _toggle_all(negated: frozenset[str], names: list[str]) -> frozenset[str]:
@@ -272,8 +403,8 @@ class ProbeScorer(CausalLMScorer):
     @torch.inference_mode()
     def compute(self, seqs):
         def run(ids, mask, rows):
-            hidden = self._decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
-            logits = self._lm_head(hidden[torch.arange(len(rows)), mask.sum(1) - 1])
+            hidden = self.decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+            logits = self.lm_logits(hidden[torch.arange(len(rows)), mask.sum(1) - 1])
             return (logits[:, self.yes_id] - logits[:, self.no_id]).tolist()
 
         with self._lock:

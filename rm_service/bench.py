@@ -22,8 +22,9 @@ Configurations, each in its own subprocess (same start conditions; per-configura
 1. ``limit``: the same scorer sequences run directly on the model, no HTTP, no queue, no cache
    bookkeeping: each unique principle block once (during warm-up, as the service's warm cache), each
    (block, prompt) prefix once, then all responses of that prefix as one batch of suffixes against
-   its key/value cache (split by the same ``max_batch_tokens``). Rendering is not timed. This is the
-   floor for the work the service must do.
+   its key/value cache (split by the same ``max_batch_tokens``), through the causal-LM scorer's own
+   prefix and suffix forwards (the service's code, without its cache bookkeeping). Rendering is not
+   timed. This is the floor for the work the service must do.
 2. ``service``: this service end to end over HTTP on loopback (uvicorn, /v1/score), prefix cache on.
 3. ``service_no_cache``: the same with ``prefix_cache=False`` (every sequence in full).
 4. ``baseline``: a small stand-in written here with the design of OpenRLHF's ``serve_rm``, NOT
@@ -223,66 +224,31 @@ def build_workload(tokenizer, args) -> dict:
 def limit_logprobs(scorer, seqs, block_kv: dict, cascade: bool) -> tuple[list[float], int]:
     """Σ log p(response | prefix) per sequence over unique tokens only: each principle block once
     (kept in ``block_kv`` across calls, like a warm cache), each prompt prefix once, the responses of
-    a prefix as batches of suffixes (the service's suffix forward, ``cascade`` as the service decides).
+    a prefix as batches of suffixes (the scorer's suffix forward, ``cascade`` as the service decides).
     Returns the values and the number of tokens run."""
-    import torch
-
-    from rm_core.prefix_cache import extend_prefix, suffix_hidden_states
-    from rm_core.scorers import LOGIT_CHUNK
-
     by_block: dict = defaultdict(lambda: defaultdict(list))
     for i, s in enumerate(seqs):
         by_block[s.system_ids][s.prompt_ids].append(i)
     out = [0.0] * len(seqs)
     ran = 0
-    dev = scorer.device
-    lengths = [len(s.response_ids) for s in seqs]
-    with torch.inference_mode():
-        for system, by_prompt in by_block.items():
-            if system not in block_kv:
-                block_kv[system] = extend_prefix(scorer, None, system)
-                ran += len(system)
-            for prompt, idx in by_prompt.items():
-                entry = extend_prefix(scorer, block_kv[system], prompt) if prompt else block_kv[system]
-                ran += len(prompt)
-                kv = entry.full_kv()
-                first_lp = torch.log_softmax(scorer._lm_head(entry.last_hidden[None]), dim=-1)[0]
-                order = sorted(idx, key=lambda i: -lengths[i])
-                for chunk in scorer._chunks(order, lengths):
-                    ids, smask = scorer._pad([list(seqs[i].response_ids) for i in chunk])
-                    b, w = ids.shape
-                    ran += int(smask.sum())
-                    hidden = suffix_hidden_states(scorer, kv, entry.length, ids, smask, cascade)
-                    # lm_head over every predicting position of the chunk together, LOGIT_CHUNK rows
-                    # at a time (bounds the [rows, vocab] logits as the service does).
-                    sel = smask[:, 1:].bool()
-                    rows, targets = hidden[:, :-1][sel], ids[:, 1:][sel]
-                    owner = torch.arange(b, device=dev)[:, None].expand(b, w - 1)[sel]
-                    sums = first_lp[ids[:, 0]].clone()
-                    for c in range(0, rows.shape[0], LOGIT_CHUNK):
-                        logits = scorer._lm_head(rows[c:c + LOGIT_CHUNK])
-                        tok = torch.log_softmax(logits, dim=-1).gather(1, targets[c:c + LOGIT_CHUNK, None])[:, 0]
-                        sums.index_add_(0, owner[c:c + LOGIT_CHUNK], tok)
-                    for j, i in enumerate(chunk):
-                        out[i] = float(sums[j])
+    for system, by_prompt in by_block.items():
+        if system not in block_kv:
+            block_kv[system] = scorer.extend_prefix(None, system)
+            ran += len(system)
+        for prompt, idx in by_prompt.items():
+            entry = scorer.extend_prefix(block_kv[system], prompt) if prompt else block_kv[system]
+            ran += len(prompt)
+            responses = [seqs[i].response_ids for i in idx]
+            ran += sum(len(r) for r in responses)
+            for i, v in zip(idx, scorer.prefix_response_logprobs(entry, responses, cascade), strict=True):
+                out[i] = v
     return out, ran
 
 
 def full_batch_logprobs(scorer, seqs, batch_size: int = 0) -> list[float]:
     """serve_rm's model call: the request's full sequences, padded together (``batch_size`` at a time)."""
-    import torch
-
-    out = []
     step = batch_size or len(seqs)
-    with torch.inference_mode():
-        for s in range(0, len(seqs), step):
-            part = seqs[s:s + step]
-            ids, mask = scorer._pad([x.input_ids for x in part])
-            hidden = scorer._decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
-            for j, x in enumerate(part):
-                p, r = len(x.prefix_ids), len(x.response_ids)
-                out.append(float(scorer._response_logprob_sum(hidden[j, p - 1:p + r - 1], ids[j, p:p + r])))
-    return out
+    return [v for s in range(0, len(seqs), step) for v in scorer.padded_response_logprobs(seqs[s:s + step])]
 
 
 def workload_flops(config, groups: list[list]) -> dict[str, float]:
@@ -324,6 +290,8 @@ def baseline_app(scorer, principles, batch_size: int = 0):
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
 
+    from rm_core.scorers import combine_values
+
     app = FastAPI(title="serve_rm-style baseline (benchmark stand-in)")
 
     @app.get("/readyz")
@@ -335,11 +303,7 @@ def baseline_app(scorer, principles, batch_size: int = 0):
         # As in serve_rm: tokenize and run the model right here, in the event loop, per request.
         prepared = [scorer.prepare(principles, it["prompt"], it["response"]) for it in data["items"]]
         seqs = [s for p in prepared for s in p.seqs]
-        values = full_batch_logprobs(scorer, seqs, batch_size)
-        scores, i = [], 0
-        for p in prepared:
-            scores.append(float(p.combine(values[i:i + len(p.seqs)])))
-            i += len(p.seqs)
+        scores = combine_values(prepared, full_batch_logprobs(scorer, seqs, batch_size))
         return JSONResponse({"scores": scores, "rewards": scores,
                              "usage": {"tokens": sum(len(s) for s in seqs), "cached_tokens": 0}})
 
@@ -393,11 +357,10 @@ def _worker(config: str, spec_path: str) -> int:
     principles = list(load_principle_set(spec["set_path"]).principles)
     wl = spec["workload"]
     if config == "limit":
-        from rm_core.prefix_cache import PrefixCache
         from rm_core.scorers import combine_values
 
         scorer = _load_scorer(spec)
-        cascade = PrefixCache(attention=spec["prefix_attention"]).uses_cascade(scorer)
+        cascade = scorer.uses_cascade(spec["prefix_attention"])
         block_kv: dict = {}
         warm = [scorer.prepare(principles, p, r) for p, r in _items(wl["warmup"])]
         limit_logprobs(scorer, [s for p in warm for s in p.seqs], block_kv, cascade)

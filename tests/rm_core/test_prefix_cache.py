@@ -30,11 +30,11 @@ def _seqs(scorer):
 def test_cached_values_equal_full_sequence_values(scorer):
     seqs = _seqs(scorer)
     full = scorer.full_response_logprobs(seqs)
-    cached, hits = scorer.prefix_cache.response_logprobs(scorer, seqs)
+    cached, hits = scorer.cached_response_logprobs(seqs)
     assert cached == pytest.approx(full, rel=1e-4, abs=1e-3)
     assert sum(hits) > 0
     # A second pass is served from the LRU and still agrees.
-    again, hits2 = scorer.prefix_cache.response_logprobs(scorer, seqs)
+    again, hits2 = scorer.cached_response_logprobs(seqs)
     assert again == pytest.approx(full, rel=1e-4, abs=1e-3)
     assert sum(hits2) > sum(hits)
 
@@ -48,10 +48,10 @@ def test_scores_are_the_same_with_and_without_cache(scorer, tiny_model_dir):
 def test_lru_is_bounded_by_bytes_and_invalidates_by_version(scorer):
     seqs = _seqs(scorer)
     big = PrefixCache(max_bytes=64 * 1024 * 1024)
-    big.response_logprobs(scorer, seqs)
+    scorer.cached_response_logprobs(seqs, big)
     everything = big.stats()["bytes"]
     small = PrefixCache(max_bytes=everything // 2)
-    small.response_logprobs(scorer, seqs)
+    scorer.cached_response_logprobs(seqs, small)
     st = small.stats()
     assert st["bytes"] <= everything // 2 and st["evictions"] > 0
     _consistent(small)
@@ -71,7 +71,7 @@ def test_disabled_cache_is_not_used(tiny_model_dir):
 
 def _consistent(cache: PrefixCache) -> None:
     """The bytes counted are the bytes held: no cached entry leans on a block that is gone."""
-    entries = dict(cache._entries)
+    entries = cache.snapshot()
     assert cache.stats()["bytes"] == sum(e.nbytes for e in entries.values())
     for e in entries.values():
         assert e.parent_key is None or e.parent_key in entries
@@ -79,8 +79,8 @@ def _consistent(cache: PrefixCache) -> None:
 
 def test_prompt_entries_hold_only_their_own_tokens(scorer):
     cache = PrefixCache(64 * 1024 * 1024)
-    cache.response_logprobs(scorer, _seqs(scorer))
-    entries = list(cache._entries.values())
+    scorer.cached_response_logprobs(_seqs(scorer), cache)
+    entries = list(cache.snapshot().values())
     blocks = [e for e in entries if e.parent is None]
     prompts = [e for e in entries if e.parent is not None]
     assert blocks and prompts
@@ -94,16 +94,43 @@ def test_prompt_entries_hold_only_their_own_tokens(scorer):
 def test_a_tight_bound_never_leaves_a_prompt_without_its_block(scorer):
     seqs = _seqs(scorer)
     probe = PrefixCache(64 * 1024 * 1024)
-    probe.response_logprobs(scorer, seqs)
-    block = max(e.nbytes for e in probe._entries.values() if e.parent is None)
-    prompt = max(e.nbytes for e in probe._entries.values() if e.parent is not None)
+    scorer.cached_response_logprobs(seqs, probe)
+    block = max(e.nbytes for e in probe.snapshot().values() if e.parent is None)
+    prompt = max(e.nbytes for e in probe.snapshot().values() if e.parent is not None)
     # Room for one block and a couple of prompts: the second block must push out the first one's prompts.
     tight = PrefixCache(max_bytes=block + 2 * prompt)
     full = scorer.full_response_logprobs(seqs)
-    values, _ = tight.response_logprobs(scorer, seqs)
+    values, _ = scorer.cached_response_logprobs(seqs, tight)
     assert values == pytest.approx(full, rel=1e-4, abs=1e-3)
     assert tight.stats()["evictions"] > 0 and tight.stats()["bytes"] <= tight.max_bytes
     _consistent(tight)
+
+
+def test_right_pad_keeps_each_row_at_its_own_positions():
+    from rm_core.batching import right_pad
+
+    ids, mask = right_pad([[5, 6, 7], [8], (9, 10)], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0], [9, 10, 0]]
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0]]
+
+
+def test_expanded_prefix_forward_equals_the_unshared_forward(scorer):
+    """The shared-prefix forward the judge runs on a whole causal LM gives the full sequences' logits."""
+    import torch
+
+    from rm_core.prefix_attention import expanded_prefix_forward
+    from salmon.modeling import returned_kv_cache
+
+    model = scorer.model
+    prefix, suffixes = [1, 2, 3, 4, 5], [[6, 7, 8], [9], [10, 11]]
+    with torch.inference_mode():
+        res = model(input_ids=torch.tensor([prefix]), use_cache=True)
+        prefix_kv = [(layer.keys, layer.values) for layer in returned_kv_cache(res).layers]
+        ids, mask = scorer.pad(suffixes)
+        shared = expanded_prefix_forward(model, prefix_kv, ids, mask).logits
+        for j, s in enumerate(suffixes):
+            alone = model(input_ids=torch.tensor([prefix + s])).logits[0, len(prefix):]
+            assert torch.allclose(shared[j, :len(s)], alone, atol=1e-4, rtol=1e-4)
 
 
 def test_batches_split_by_budget_and_by_padding(scorer):
@@ -112,16 +139,16 @@ def test_batches_split_by_budget_and_by_padding(scorer):
     old = scorer.max_batch_tokens, scorer.max_padding
     try:
         scorer.max_batch_tokens, scorer.max_padding = 4096, 0.25
-        chunks = scorer._chunks(order, lengths)
+        chunks = scorer.chunks(order, lengths)
         assert sorted(i for c in chunks for i in c) == order
         for c in chunks:
             padded, real = lengths[c[0]] * len(c), sum(lengths[i] for i in c)
             assert padded <= 4096 and (len(c) == 1 or padded <= 1.25 * real)
         assert len(chunks) > 1
         scorer.max_padding = float("inf")  # only the token budget splits
-        assert scorer._chunks(order, lengths) == [order]
+        assert scorer.chunks(order, lengths) == [order]
         scorer.max_batch_tokens = 512
-        assert all(lengths[c[0]] * len(c) <= 512 or len(c) == 1 for c in scorer._chunks(order, lengths))
+        assert all(lengths[c[0]] * len(c) <= 512 or len(c) == 1 for c in scorer.chunks(order, lengths))
     finally:
         scorer.max_batch_tokens, scorer.max_padding = old
     # Splitting changes how sequences are batched, never their values.
@@ -182,12 +209,12 @@ def test_suffix_path_takes_the_cascade_on_cpu_and_matches_the_expanded_path(scor
     seqs = _seqs(scorer)
     cascade = PrefixCache(64 * 1024 * 1024)
     expanded = PrefixCache(64 * 1024 * 1024, attention="expanded")
-    assert cascade.uses_cascade(scorer) and not expanded.uses_cascade(scorer)
-    values, _ = cascade.response_logprobs(scorer, seqs)
+    assert scorer.uses_cascade(cascade.attention) and not scorer.uses_cascade(expanded.attention)
+    values, _ = scorer.cached_response_logprobs(seqs, cascade)
     n_layers = scorer.model.config.num_hidden_layers
     assert calls and all(calls) and len(calls) % n_layers == 0  # every layer of every suffix batch
     calls.clear()
-    reference, _ = expanded.response_logprobs(scorer, seqs)
+    reference, _ = scorer.cached_response_logprobs(seqs, expanded)
     assert calls == []
     assert values == pytest.approx(reference, rel=1e-4, abs=1e-3)
     assert values == pytest.approx(scorer.full_response_logprobs(seqs), rel=1e-4, abs=1e-3)

@@ -300,16 +300,19 @@ def evaluate_heldout(args: argparse.Namespace, runs: dict[str, dict], url: str, 
     policies: dict[str, dict[str, Any]] = {}
     records = []
     for policy in [INITIAL, *labels]:
+        t = time.monotonic()
         if policy == INITIAL:
             with model.disable_adapter():
                 answers, lengths = generate_answers(model, tok, rows, args.max_completion_length)
         else:
             model.set_adapter(policy)
             answers, lengths = generate_answers(model, tok, rows, args.max_completion_length)
+        generate_s = time.monotonic() - t
         scores = {label: score(url, runs[label]["set_ref"], rows, answers, max_items) for label in labels}
         policies[policy] = {"mean_length": mean(lengths), "lengths": lengths,
                             "truncated": sum(n >= args.max_completion_length for n in lengths),
-                            "mean_score": {label: mean(s) for label, s in scores.items()}}
+                            "mean_score": {label: mean(s) for label, s in scores.items()},
+                            "generate_s": round(generate_s, 1), "score_s": round(time.monotonic() - t - generate_s, 1)}
         records += [{"policy": policy, "prompt_id": r["prompt_id"], "prompt": r["prompt"][-1]["content"],
                      "answer": a, "tokens": n, "scores": {label: s[i] for label, s in scores.items()}}
                     for i, (r, a, n) in enumerate(zip(rows, answers, lengths, strict=True))]
@@ -351,7 +354,7 @@ def plot(report: dict, path: Path) -> None:
     ax[3].set_xticks(range(len(labels)), [f"scored under {s}" for s in labels])
     ax[3].axhline(0, color="black", linewidth=0.5)
     ax[3].set(title="held-out mean service score")
-    ax[3].legend()
+    ax[3].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     head = report["headline"]
     ratio = head["heldout_length_ratio"]
     fig.suptitle(f"salmon demo {report['run_id']}: {report['algorithm']} under '{labels[0]}' vs '{labels[-1]}', "
@@ -366,18 +369,28 @@ def _nan(v: float | None) -> float:
     return float("nan") if v is None else float(v)
 
 
-def headline(runs: dict[str, dict], heldout: dict) -> dict[str, Any]:
-    first, second = list(runs)
-    lengths = {p: v["mean_length"] for p, v in heldout["policies"].items()}
+def headline(labels: list[str], runs: dict[str, dict], heldout: dict) -> dict[str, Any]:
+    first, second = labels
+    policies = heldout["policies"]
+    lengths = {p: v["mean_length"] for p, v in policies.items()}
     ratio = lengths[first] / lengths[second] if lengths[first] is not None and lengths[second] else None
+    margin = {s: _minus(policies[first]["mean_score"][s], policies[second]["mean_score"][s]) for s in labels}
     return {
         "heldout_length_ratio": round(ratio, 3) if ratio is not None else None,
         "heldout_length_ratio_of": f"{first}/{second}",
         "heldout_mean_length": lengths,
+        # Under each set, how much better the first run's policy scores than the second's: steering
+        # shows as a positive margin under the first set and a negative one under the second.
+        "heldout_score_margin": margin,
+        "heldout_score_margin_of": f"{first} policy - {second} policy",
         "reward_first_vs_last_steps": {label: [r["reward_first_steps"], r["reward_last_steps"]]
                                        for label, r in runs.items()},
         "reward_steps_averaged": HEADLINE_STEPS,
     }
+
+
+def _minus(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else round(a - b, 4)
 
 
 def print_summary(report: dict) -> None:
@@ -396,6 +409,8 @@ def print_summary(report: dict) -> None:
         scores = ", ".join(f"{s} {_fmt(ev['mean_score'][s])}" for s in report["sets"])
         lines.append(f"  held-out {policy:<10} {_fmt(ev['mean_length'], 1)} tokens; scored under {scores}")
     lines.append(f"  held-out length ratio {head['heldout_length_ratio_of']}: {_fmt(head['heldout_length_ratio'], 2)}")
+    margins = ", ".join(f"under {s} {_fmt(v)}" for s, v in head["heldout_score_margin"].items())
+    lines.append(f"  held-out score margin ({head['heldout_score_margin_of']}): {margins}")
     lines.append(f"  report: {report['report_png']}")
     print("\n".join(lines), flush=True)
 
@@ -467,7 +482,7 @@ def main(argv: list[str]) -> int:
         "sets": labels,  # the runs' order (JSON objects here are written with sorted keys)
         "runs": runs,
         "heldout": heldout,
-        "headline": headline(runs, heldout),
+        "headline": headline(labels, runs, heldout),
         "report_png": str(run_dir / "demo_report.png"),
     }
     atomic_write_json(run_dir / "demo_report.json", report)

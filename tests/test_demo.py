@@ -110,7 +110,13 @@ def test_the_whole_demo_on_the_tiny_model(tmp_path, tiny_model_dir, monkeypatch,
         assert all(h["reward"] is not None and h["completion_length"] <= 8 for h in run["history"])
         ckpt = Path(run["checkpoint"])
         assert ckpt.parent == out / f"rl-{label}" and (ckpt / "adapter_config.json").is_file()
-    # the same seed, prompts and initial policy: the same first generation batch, the same rewards
+    # the same seed, prompts and initial policy: the same LoRA start (B is zero, A is seeded), the same
+    # first generation batch, the same rewards
+    from safetensors.torch import load_file
+
+    adapters = [load_file(Path(runs[label]["checkpoint"]) / "adapter_model.safetensors") for label in runs]
+    lora_a = [k for k in adapters[0] if "lora_A" in k]
+    assert lora_a and all(adapters[0][k].equal(adapters[1][k]) for k in lora_a)
     assert runs["concise"]["history"][0]["reward"] == runs["detailed"]["history"][0]["reward"]
     assert runs["concise"]["history"][0]["completion_length"] == runs["detailed"]["history"][0]["completion_length"]
 
@@ -133,6 +139,9 @@ def test_the_whole_demo_on_the_tiny_model(tmp_path, tiny_model_dir, monkeypatch,
     lengths = {p: held["policies"][p]["mean_length"] for p in ("concise", "detailed")}
     assert head["heldout_length_ratio_of"] == "concise/detailed"
     assert head["heldout_length_ratio"] == pytest.approx(lengths["concise"] / lengths["detailed"], abs=1e-3)
+    scores = {p: held["policies"][p]["mean_score"] for p in ("concise", "detailed")}
+    assert head["heldout_score_margin"] == {
+        s: pytest.approx(scores["concise"][s] - scores["detailed"][s], abs=1e-3) for s in ("concise", "detailed")}
     for label, run in runs.items():
         rewards = [h["reward"] for h in run["history"]]
         assert head["reward_first_vs_last_steps"][label] == [pytest.approx(sum(rewards[:3]) / len(rewards[:3]), abs=1e-3),
@@ -140,3 +149,4 @@ def test_the_whole_demo_on_the_tiny_model(tmp_path, tiny_model_dir, monkeypatch,
                                                                            abs=1e-3)]
     printed = capsys.readouterr().out
     assert "held-out length ratio concise/detailed" in printed and "RL under concise" in printed
+    assert "held-out score margin (concise policy - detailed policy)" in printed

@@ -30,6 +30,7 @@ COPY principles ./principles
 COPY rm_service ./rm_service
 COPY data_synth ./data_synth
 COPY policy_trainer ./policy_trainer
+COPY benchmarks ./benchmarks
 RUN pip install ".${EXTRAS}"
 
 # Unprivileged at run time; /data holds the volumes (registry, rollouts, runs, cache).

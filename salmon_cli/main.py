@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rm-train": ("data_synth.cli", "train a principle-following reward model and publish a registry version"),
     "train": ("policy_trainer.cli", "RL (grpo | rloo | ppo) with rewards from the service over HTTP"),
     "demo": ("salmon_cli.demo", "the whole loop on the embedded default, on one CPU machine"),
-    "bench": ("rm_service.bench", "benchmark scoring against its limit and a baseline"),
+    "bench": ("benchmarks.cli", "benchmark scoring against its limit and a baseline"),
 }
 
 

@@ -9,8 +9,9 @@ import json
 
 import pytest
 
+from benchmarks.cli import main, parse_args
+from benchmarks.report import CONFIGS, workload_flops
 from rm_core.render import RenderedInput
-from rm_service.bench import CONFIGS, main, parse_args, workload_flops
 from salmon.errors import UserError
 
 

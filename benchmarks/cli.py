@@ -1,0 +1,137 @@
+"""`salmon bench`: arguments, the run of every configuration, the report (see benchmarks/__init__.py for the method)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.report import CONFIGS, LABELS, append_markdown, environment, markdown, summarize, table
+from benchmarks.runner import run_config
+from benchmarks.workload import SET_NAME, build_principles, build_workload
+from salmon.errors import UserError
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The options of `salmon bench` (``argv`` without the command name); bad values are UserErrors."""
+    p = argparse.ArgumentParser(
+        prog="salmon bench",
+        description="Benchmark /v1/score (prefix cache on/off) against its limit and a serve_rm-style "
+        "baseline on a GRPO-shaped workload; see benchmarks/__init__.py for the method.")
+    p.add_argument("--model", default="embedded", help="causal LM: 'embedded', a .gguf, or a local HF dir")
+    p.add_argument("--scorer", default="contrastive", choices=["contrastive"],
+                   help="the scorer whose sequences are run (the probe and trained scorers have no prefix path)")
+    p.add_argument("--contrast", default="whole_set", choices=["whole_set", "per_principle"],
+                   help="whole_set: 2 sequences per item (default); per_principle: k+1")
+    p.add_argument("--prompts", "-B", type=int, default=4, help="prompts per round (B; concurrent requests)")
+    p.add_argument("--generations", "-G", type=int, default=8, help="responses per prompt (G; items per request)")
+    p.add_argument("--rounds", "-R", type=int, default=1,
+                   help="timed rounds (training steps); 1 keeps the default run within 10 min on a 2-core CPU")
+    p.add_argument("--prefix-tokens", type=int, default=600, help="target length of the principle block, in tokens")
+    p.add_argument("--min-response-tokens", type=int, default=64)
+    p.add_argument("--max-response-tokens", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-batch-tokens", type=int, default=4096, help="the service's padded-token budget per forward")
+    p.add_argument("--max-padding", type=float, default=0.25,
+                   help="the service's pad share before a length-sorted batch is split (also used by (1))")
+    p.add_argument("--prefix-attention", default="auto", choices=["auto", "expanded"],
+                   help="how (1) and (2) attend to a cached prefix (the service's prefix_attention setting)")
+    p.add_argument("--baseline-batch-size", type=int, default=0,
+                   help="sequences per forward in the baseline (serve_rm's --batch_size); 0: the whole request")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads per configuration (default: torch's)")
+    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list, subset of {','.join(CONFIGS)}")
+    p.add_argument("--out", help="write the result JSON here")
+    p.add_argument("--benchmarks-md", default="BENCHMARKS.md", help="append the markdown table here ('' skips)")
+    p.add_argument("--timeout-s", type=float, default=1800.0, help="give up on a configuration after this long")
+    args = p.parse_args(argv)
+    for name in ("prompts", "generations", "rounds", "prefix_tokens", "min_response_tokens", "max_batch_tokens"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.max_response_tokens < args.min_response_tokens:
+        raise UserError("--max-response-tokens must be at least --min-response-tokens")
+    if args.threads is not None and args.threads < 1:
+        raise UserError("--threads must be at least 1")
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    bad = [c for c in configs if c not in CONFIGS]
+    if bad or not configs:
+        raise UserError(f"--configs: unknown {bad}; choose from {', '.join(CONFIGS)}")
+    args.configs = [c for c in CONFIGS if c in configs]
+    return args
+
+
+
+def main(argv: list[str]) -> int:
+    """`salmon bench`: ``argv[0]`` is the command name, as salmon_cli passes it."""
+    args = parse_args(argv[1:])
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from rm_core.render import Renderer
+    from salmon.modeling import ModelSourceError, load_tokenizer
+
+    try:
+        tok = load_tokenizer(args.model)
+    except (ModelSourceError, OSError) as e:
+        raise UserError(str(e)) from None
+    renderer = Renderer(tok)
+    principles, block_tokens = build_principles(renderer, args.prefix_tokens)
+    workload = build_workload(tok, args)
+    resp_tokens = [len(tok(r, add_special_tokens=False)["input_ids"])
+                   for rnd in workload["rounds"] for _, rs in rnd for r in rs]
+    env = environment(args)
+    wl_info = {"model": args.model, "scorer": args.scorer, "contrast": args.contrast, "prompts": args.prompts,
+               "generations": args.generations, "rounds": args.rounds, "prefix_tokens": args.prefix_tokens,
+               "prefix_tokens_actual": block_tokens, "num_principles": len(principles),
+               "min_response_tokens": args.min_response_tokens, "max_response_tokens": args.max_response_tokens,
+               "mean_response_tokens": statistics.fmean(resp_tokens), "seed": args.seed,
+               "max_batch_tokens": args.max_batch_tokens, "max_padding": args.max_padding,
+               "prefix_attention": args.prefix_attention, "baseline_batch_size": args.baseline_batch_size,
+               "dtype": args.dtype, "device": args.device, "threads": args.threads,
+               "command": "salmon " + " ".join(argv)}
+    print(f"salmon bench: {args.prompts}×{args.generations} items × {args.rounds} rounds, principle block "
+          f"{block_tokens} tokens ({len(principles)} principles), load {env['load_average']}", file=sys.stderr)
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="salmon-bench-") as tmpd:
+        tmp = Path(tmpd)
+        import yaml
+
+        set_dir = tmp / "sets"
+        set_dir.mkdir()
+        set_path = set_dir / f"{SET_NAME}.yaml"
+        set_path.write_text(yaml.safe_dump({
+            "name": SET_NAME, "description": "salmon bench: shipped principles up to the target block length",
+            "principles": [pr.model_dump(mode="json", exclude_defaults=True) for pr in principles]}, sort_keys=False))
+        spec = {"model": args.model, "scorer": args.scorer, "contrast": args.contrast, "dtype": args.dtype,
+                "device": args.device, "threads": args.threads, "max_batch_tokens": args.max_batch_tokens,
+                "max_padding": args.max_padding, "prefix_attention": args.prefix_attention,
+                "max_response_tokens": args.max_response_tokens, "generations": args.generations,
+                "baseline_batch_size": args.baseline_batch_size, "timeout_s": args.timeout_s,
+                "set_path": str(set_path), "workload": workload}
+        spec_path = tmp / "spec.json"
+        spec_path.write_text(json.dumps(spec))
+        for config in args.configs:
+            t0 = time.perf_counter()
+            print(f"salmon bench: running {LABELS[config]} ...", file=sys.stderr, flush=True)
+            results[config] = run_config(config, spec, spec_path, tmp)
+            print(f"salmon bench:   {results[config]['wall_s']:.2f} s timed ({time.perf_counter() - t0:.0f} s "
+                  "with start and warm-up)", file=sys.stderr, flush=True)
+    report = {"environment": env, "workload": wl_info, "summary": summarize(results, spec),
+              "load_average_end": [round(x, 2) for x in os.getloadavg()]}
+    print(table(report))
+    print(json.dumps({"ratios": report["summary"]["ratios"], "targets": report["summary"]["targets"]}, indent=2))
+    if args.out:
+        from salmon.atomic import atomic_write_json
+
+        atomic_write_json(args.out, report)
+    if args.benchmarks_md:
+        append_markdown(Path(args.benchmarks_md), markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(["bench", *sys.argv[1:]]))

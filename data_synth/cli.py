@@ -101,11 +101,38 @@ def _rm_train_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _rm_pretrain_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="salmon rm-pretrain",
+                description="Pre-train the principle-following RM on minimal pairs over many axes (the shipped RM).")
+    p.add_argument("--config", help="YAML of data_synth.pretrain.PretrainConfig")
+    p.add_argument("--out", help="datasets and report (default runs/rm-pretrain)")
+    p.add_argument("--registry", help="publish here (default OUT/registry)")
+    p.add_argument("--ship", action="store_true",
+                   help="replace the RM shipped with the package (rm_core/shipped) with the result")
+    p.add_argument("--max-train-pairs", type=int, help="train on the first N built pairs (smoke runs)")
+    return p
+
+
+def _rm_pretrain(args, argv: list[str]) -> int:
+    from .pretrain import PretrainConfig, run_pretrain, ship
+
+    cfg = _nested(PretrainConfig, args.config, {"out": args.out, "max_train_pairs": args.max_train_pairs})
+    registry = Path(args.registry) if args.registry else cfg.out / "registry"
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"registry": registry})})
+    report = run_pretrain(cfg, command=" ".join(["salmon", *argv]))
+    if args.ship:
+        report["shipped"] = str(ship(registry, report["version"]))
+    _print(report)
+    return 0
+
+
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in {"synth", "rm-train"}:
-        raise UserError("data_synth.cli.main expects argv[0] to be 'synth' or 'rm-train'")
+    if not argv or argv[0] not in {"synth", "rm-train", "rm-pretrain"}:
+        raise UserError("data_synth.cli.main expects argv[0] to be 'synth', 'rm-train' or 'rm-pretrain'")
     if argv[0] == "rm-train":
         return _rm_train(_rm_train_parser().parse_args(argv[1:]))
+    if argv[0] == "rm-pretrain":
+        return _rm_pretrain(_rm_pretrain_parser().parse_args(argv[1:]), argv)
     args = _synth_parser().parse_args(argv[1:])
     return {"prompts": _prompts, "generate-prompts": _generate, "sample": _sample, "judge": _judge,
             "judge-check": _judge_check, "aggregate": _aggregate, "watch": _watch, "run": _run}[args.cmd](args)

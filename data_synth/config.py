@@ -111,13 +111,19 @@ class AggregateConfig(_Strict):
 class TrainConfig(_Strict):
     base_model: str = Field(default="embedded", description="Backbone source, recorded in the manifest.")
     registry: Path = Field(default=Path("registry"), description="Registry the new version is published to.")
-    init_from: Literal["base", "parent"] = Field(
-        default="base", description="Start each retrain from the base model, or from the CURRENT version's adapter."
+    init_from: Literal["base", "parent", "shipped"] = Field(
+        default="base", description="Start each retrain from the base model, from the CURRENT version's adapter, "
+        "or from the RM shipped with salmon (SALMON fine-tunes after preference-model pre-training)."
     )
     lora_r: int = Field(default=8, ge=1)
     lora_alpha: int = Field(default=16, ge=1)
     lora_dropout: float = Field(default=0.0, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    lora_layers: int | None = Field(
+        default=None, ge=1,
+        description="LoRA on the top N decoder layers only (None: all). The frozen layers below need no backward pass.")
+    mixed_precision: Literal["no", "bf16"] = Field(
+        default="no", description="bf16 autocast over fp32 weights (faster on CPUs with AVX512-BF16 or AMX).")
     learning_rate: float = Field(default=2e-4, gt=0)
     epochs: float = Field(default=1.0, gt=0)
     batch_size: int = Field(default=8, ge=1)

@@ -20,7 +20,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,8 @@ from .shards import stable_hash
 log = logging.getLogger(__name__)
 
 REQUIRED = ("prompt", "chosen", "rejected", "principles", "negated")
+# (principles, negated names, [(prompt, response)]) -> one raw score per item
+ScoreFn = Callable[[Sequence[Principle], Sequence[str], Sequence[tuple[Any, str]]], list[float]]
 
 
 def load_rm_rows(path: str | Path) -> list[dict]:
@@ -123,6 +125,21 @@ def evaluate(model, renderer, rows: Sequence[dict], pad_id: int, batch_size: int
             "flip_pairs": len(flip_idx), "flip_rate": flips / len(flip_idx) if flip_idx else None}
 
 
+def _init_version(cfg: TrainConfig, registry, parent: str | None):
+    """(registry, version) whose adapter training starts from, or None for a fresh LoRA on the base."""
+    from rm_core.registry import SHIPPED_REGISTRY, Registry, shipped_version
+
+    if cfg.init_from == "parent" and parent:
+        return registry, parent
+    if cfg.init_from == "shipped":
+        version = shipped_version(cfg.base_model)
+        if version is None:
+            raise UserError(f"init_from shipped: salmon ships no reward model for base {cfg.base_model!r} "
+                            "(only for 'embedded'); use init_from: base")
+        return Registry(SHIPPED_REGISTRY), version
+    return None
+
+
 @dataclass
 class TrainResult:
     version: str | None
@@ -134,9 +151,13 @@ class TrainResult:
 
 
 def train_reward_model(train_path: str | Path, eval_path: str | Path | None, cfg: TrainConfig,
-                       extra_manifest: dict[str, Any] | None = None, keep_build: Path | None = None
-                       ) -> TrainResult:
-    """Train on ``train_path`` rows, evaluate on ``eval_path``, publish to ``cfg.registry``."""
+                       extra_manifest: dict[str, Any] | None = None, keep_build: Path | None = None,
+                       extra_eval: Callable[[ScoreFn], dict[str, Any]] | None = None) -> TrainResult:
+    """Train on ``train_path`` rows, evaluate on ``eval_path``, publish to ``cfg.registry``.
+
+    ``extra_eval`` receives a scoring function over the trained model (principles, negate, items) and
+    returns more metrics for the manifest (e.g. the held-out flip table of ``rm-pretrain``).
+    """
     from datasets import Dataset
     from peft import LoraConfig, PeftModel, TaskType
     from transformers.utils import logging as hf_logging
@@ -168,14 +189,21 @@ def train_reward_model(train_path: str | Path, eval_path: str | Path | None, cfg
     torch.manual_seed(cfg.seed)  # the fresh score head is random: seed before building it
     model = load_sequence_classifier(cfg.base_model, ModelOptions(dtype=cfg.dtype, device=cfg.device))
     peft_config = None
-    if cfg.init_from == "parent" and parent:
-        pm = registry.manifest(parent)
+    init = _init_version(cfg, registry, parent)
+    if init is not None:
+        init_reg, init_version = init
+        pm = init_reg.manifest(init_version)
         if pm.base_model != cfg.base_model:
-            raise UserError(f"init_from parent: CURRENT {parent} was trained on {pm.base_model!r}, not {cfg.base_model!r}")
-        model = PeftModel.from_pretrained(model, registry.path(parent) / (pm.adapter or "adapter"), is_trainable=True)
+            raise UserError(f"init_from {cfg.init_from}: {init_version} was trained on {pm.base_model!r}, "
+                            f"not {cfg.base_model!r}")
+        model = PeftModel.from_pretrained(model, init_reg.path(init_version) / (pm.adapter or "adapter"),
+                                          is_trainable=True)
     else:
+        n_layers = model.config.num_hidden_layers
+        layers = (list(range(max(0, n_layers - cfg.lora_layers), n_layers)) if cfg.lora_layers else None)
         peft_config = LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                                 lora_dropout=cfg.lora_dropout, target_modules=list(cfg.target_modules))
+                                 lora_dropout=cfg.lora_dropout, target_modules=list(cfg.target_modules),
+                                 layers_to_transform=layers)
 
     work = Path(tempfile.mkdtemp(prefix="salmon-rm-train-"))
     try:
@@ -192,7 +220,7 @@ def train_reward_model(train_path: str | Path, eval_path: str | Path | None, cfg
             # TRL defaults to bf16 autocast and gradient checkpointing (GPU memory savers). On CPU bf16
             # autocast is slower and makes the trained model's outputs differ from the served fp32 ones;
             # checkpointing recomputes activations a 135M model does not need to drop.
-            bf16=pick_dtype(cfg.dtype, device) == torch.bfloat16,
+            bf16=pick_dtype(cfg.dtype, device) == torch.bfloat16 or cfg.mixed_precision == "bf16",
             gradient_checkpointing=cfg.gradient_checkpointing,
         )
         train_ds = Dataset.from_list(rendered)
@@ -208,6 +236,12 @@ def train_reward_model(train_path: str | Path, eval_path: str | Path | None, cfg
         pad_id = tok.pad_token_id
 
         metrics = evaluate(model, renderer, eval_rows, pad_id, cfg.eval_batch_size)
+        if extra_eval is not None:
+            def score_fn(principles, negate, items):
+                seqs = [renderer.render_principles(principles, p, r, negated=negate).input_ids for p, r in items]
+                return rewards(model, seqs, pad_id, cfg.eval_batch_size)
+
+            metrics.update(extra_eval(score_fn))
         # Reward scale over training inputs: 64 sequences estimate a mean/std well enough, and on CPU
         # every extra forward pass over the whole set costs a third of an epoch.
         sample = rendered[:32]
@@ -230,7 +264,8 @@ def train_reward_model(train_path: str | Path, eval_path: str | Path | None, cfg
             "prompt_format_version": PROMPT_FORMAT_VERSION,
             "data_hash": stable_hash([file_sha256(Path(f)) for f in data_files]),
             "parent_version": parent,
-            "init_from": cfg.init_from if (cfg.init_from == "base" or parent) else "base",
+            "init_from": cfg.init_from if init is not None else "base",
+            "init_version": init[1] if init is not None else None,
             "eval_metrics": metrics,
             "training_data": [str(Path(f).resolve()) for f in data_files],
             "train_config": cfg.model_dump(mode="json"),

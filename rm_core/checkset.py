@@ -3,14 +3,13 @@
 Each pair (principles/checks/flip_pairs.jsonl) has a prompt, one principle with its negation, and
 two responses: ``response_a`` is better under the principle, ``response_b`` under its negation.
 A scorer *flips correctly* on a pair when it prefers a under P AND b under not-P. The flip rate is
-the share of pairs where it does; ``accuracy_p`` counts the first condition alone.
+the share of pairs where it does; ``accuracy`` counts the first condition alone.
 
-Variants reported (all over the same model, from one set of forward passes where possible):
-- ``contrastive``: Σ log p(y|x,P) − Σ log p(y|x,¬P)  (the service's default scorer)
-- ``contrastive-normalized``: the same divided by the response's token count
-- ``contrastive-neutral``: Σ log p(y|x,P) − Σ log p(y|x, a neutral system prompt)
-- ``probe``: logit(Yes) − logit(No) to "does the response follow the principles?"
-- ``trained``: a registry version (``--registry``)
+The flip table measures it three ways (:func:`flip_table`): the principle alone (``single``), the
+principle inside a set of 5 with 4 distractors from other axes (``set``), and the principle as a
+plain instruction against its opposite instruction (``plain``; principles/checks/plain_forms.yaml).
+``run_check`` prints it for each scorer: the shipped RM, a registry version, the zero-shot
+contrastive scorer and the yes/no probe. None of the check set's axes is trained on.
 """
 
 from __future__ import annotations
@@ -23,14 +22,11 @@ from pydantic import ValidationError
 from tqdm import tqdm
 
 from principles.schema import Principle
-from rm_core.render import PRINCIPLE_HEADER, principle_block
 from salmon.atomic import read_jsonl
 from salmon.config import format_validation_error
 from salmon.errors import UserError
 
 DEFAULT_CHECK_SET = Path(str(resources.files("principles"))) / "checks" / "flip_pairs.jsonl"
-NEUTRAL_SYSTEM = "You are a helpful AI assistant."
-ZERO_SHOT = ("contrastive", "contrastive-normalized", "contrastive-neutral", "probe")
 
 
 FLIP_PAIR_FIELDS = ("prompt", "principle", "response_a", "response_b")
@@ -69,62 +65,116 @@ def _flip(sp_a: float, sp_b: float, sn_a: float, sn_b: float) -> tuple[bool, boo
     return sp_a > sp_b and sn_b > sn_a, sp_a > sp_b
 
 
-def run_check(model: str, path: Path, variants: list[str], registry: str | None = None,
-              limit: int | None = None) -> dict:
-    from rm_core.scorers import ProbeScorer, load_trained, load_zero_shot
+SCORERS = ("shipped", "trained", "contrastive", "probe")
 
-    unknown = [v for v in variants if v not in ZERO_SHOT + ("trained",)]
+
+def scorer_score_fn(scorer):
+    """A flip-table scoring function over a scorer's offline path (the one the service runs)."""
+    def score_fn(principles, negate, items):
+        return scorer.score_items(principles, items, negate=negate)
+
+    return score_fn
+
+
+def run_check(model: str, path: Path, scorers: list[str], registry: str | None = None,
+              limit: int | None = None, modes: tuple[str, ...] | None = None, seed: int = 0) -> dict:
+    """The flip table (single / inside a set of 5 / plain text) of each scorer on the check set."""
+    from rm_core.scorers import ProbeScorer, load_shipped, load_trained, load_zero_shot
+
+    unknown = [v for v in scorers if v not in SCORERS]
     if unknown:
-        raise ValueError(f"unknown scorer variants {unknown}; choose from {list(ZERO_SHOT) + ['trained']}")
-    pairs = load_pairs(path, limit)
+        raise UserError(f"unknown scorers {unknown}; choose from {list(SCORERS)}")
+    if "trained" in scorers and not registry:
+        raise UserError("the 'trained' scorer needs --registry DIR")
+    forms = plain_forms()
+    pairs = [{**p, **forms.get(flip_pair_principle(p).name, {})}
+             for p in load_pairs(path, limit, evenly_spaced=True)]
+    modes = tuple(modes or FLIP_MODES)
     t0 = time.perf_counter()
-    results: dict[str, list[tuple[bool, bool]]] = {v: [] for v in variants}
-    if registry:
-        results["trained"] = []
-    zero = [v for v in variants if v in ZERO_SHOT]
-    if zero:
-        cs = load_zero_shot("contrastive", model)
-        probe = ProbeScorer(cs.model, cs.tokenizer, version="probe", base_model=model) if "probe" in zero else None
-        for pair in tqdm(pairs, desc="check set", unit="pair"):
-            pr = Principle.model_validate({**pair["principle"], "name": pair["principle"].get("name", "p")})
-            systems = {"P": principle_block([pr]), "N": principle_block([pr], [pr.name]),
-                       "0": NEUTRAL_SYSTEM}
-            seqs, keys = [], []
-            for resp_key in ("response_a", "response_b"):
-                for sk, sys_text in systems.items():
-                    seqs.append(cs.renderer.render(sys_text, pair["prompt"], pair[resp_key]))
-                    keys.append((resp_key[-1], sk))
-            vals, _ = cs.compute(seqs)
-            v = dict(zip(keys, vals, strict=True))
-            n = {r: len(seqs[keys.index((r, "P"))].response_ids) for r in "ab"}
-            con = {r: v[(r, "P")] - v[(r, "N")] for r in "ab"}
-            if "contrastive" in zero:
-                results["contrastive"].append(_flip(con["a"], con["b"], -con["a"], -con["b"]))
-            if "contrastive-normalized" in zero:
-                results["contrastive-normalized"].append(
-                    _flip(con["a"] / n["a"], con["b"] / n["b"], -con["a"] / n["a"], -con["b"] / n["b"]))
-            if "contrastive-neutral" in zero:
-                results["contrastive-neutral"].append(_flip(
-                    v[("a", "P")] - v[("a", "0")], v[("b", "P")] - v[("b", "0")],
-                    v[("a", "N")] - v[("a", "0")], v[("b", "N")] - v[("b", "0")]))
-            if probe is not None:
-                items = [(pair["prompt"], pair["response_a"]), (pair["prompt"], pair["response_b"])]
-                sp = probe.score_items([pr], items)
-                sn = probe.score_items([pr], items, negate=[pr.name])
-                results["probe"].append(_flip(sp[0], sp[1], sn[0], sn[1]))
-    if registry:
-        ts = load_trained(registry)
-        for pair in tqdm(pairs, desc="check set (trained)", unit="pair"):
-            pr = Principle.model_validate({**pair["principle"], "name": pair["principle"].get("name", "p")})
-            items = [(pair["prompt"], pair["response_a"]), (pair["prompt"], pair["response_b"])]
-            sp = ts.score_items([pr], items)
-            sn = ts.score_items([pr], items, negate=[pr.name])
-            results["trained"].append(_flip(sp[0], sp[1], sn[0], sn[1]))
-    report = {
-        "check_set": str(path), "pairs": len(pairs), "model": model, "principle_header": PRINCIPLE_HEADER,
-        "seconds": round(time.perf_counter() - t0, 1),
-        "scorers": {k: {"flip_rate": round(sum(f for f, _ in r) / max(len(r), 1), 4),
-                        "accuracy_p": round(sum(a for _, a in r) / max(len(r), 1), 4)}
-                    for k, r in results.items()},
-    }
-    return report
+    tables: dict[str, dict] = {}
+    zero = None
+    for kind in scorers:
+        t1 = time.perf_counter()
+        if kind == "shipped":
+            scorer = load_shipped()
+        elif kind == "trained":
+            scorer = load_trained(registry)
+        elif kind == "contrastive" or zero is None:
+            zero = load_zero_shot("contrastive", model)
+            scorer = zero
+        if kind == "probe":
+            scorer = ProbeScorer(zero.model, zero.tokenizer, version="probe", base_model=model)
+        tables[kind] = {"version": scorer.version,
+                        **flip_table(scorer_score_fn(scorer), pairs, seed=seed, modes=modes, desc=kind),
+                        "seconds": round(time.perf_counter() - t1, 1)}
+    return {"check_set": str(path), "pairs": len(pairs), "model": model, "modes": list(modes),
+            "seconds": round(time.perf_counter() - t0, 1), "scorers": tables}
+
+
+# -- the flip table: single principle, inside a set with distractors, plain text ----------------
+
+PLAIN_FORMS = Path(str(resources.files("principles"))) / "checks" / "plain_forms.yaml"
+FLIP_MODES = ("single", "set", "plain")
+
+
+def plain_forms(path: Path = PLAIN_FORMS) -> dict[str, dict[str, str]]:
+    """``{principle name: {"plain": …, "opposite": …}}`` for the check set's principles."""
+    import yaml
+
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of principle name -> {{plain, opposite}}")
+    for name, v in data.items():
+        if not isinstance(v, dict) or not {"plain", "opposite"} <= set(v):
+            raise UserError(f"{path}: {name}: needs both 'plain' and 'opposite'")
+    return data
+
+
+def flip_table(score_fn, pairs: list[dict], *, seed: int = 0, distractors: int = 4,
+               modes: tuple[str, ...] = FLIP_MODES, desc: str = "flip table") -> dict[str, dict]:
+    """Flip rate and accuracy of one scorer in each mode, over labelled flip pairs.
+
+    ``score_fn(principles, negate, items) -> scores`` scores ``(prompt, response)`` items. Per pair:
+    - ``single``: the principle alone vs its negation;
+    - ``set``: the principle inside a set with ``distractors`` principles of other pairs' axes (the
+      same set, shuffled once per pair under ``seed``), negating only it;
+    - ``plain``: the pair's ``plain`` instruction vs its ``opposite`` as plain strings (pairs without
+      them are skipped). A scorer that cannot read plain principles raises a UserError, reported as
+      ``unsupported`` with its message.
+    A pair flips correctly when response a wins under the first and response b under the second;
+    ``accuracy`` counts the first condition alone.
+    """
+    import random
+
+    pool = {}
+    for p in pairs:
+        pr = flip_pair_principle(p)
+        pool.setdefault(pr.name, pr)
+    out: dict[str, dict] = {}
+    for mode in modes:
+        hits: list[tuple[bool, bool]] = []
+        try:
+            for i, p in enumerate(tqdm(pairs, desc=f"{desc}: {mode}", unit="pair", leave=False)):
+                rng = random.Random(f"{seed}:{i}")  # the same distractors for every scorer
+                items = [(p["prompt"], p["response_a"]), (p["prompt"], p["response_b"])]
+                pr = flip_pair_principle(p)
+                if mode == "single":
+                    sp, sn = score_fn([pr], [], items), score_fn([pr], [pr.name], items)
+                elif mode == "set":
+                    others = [q for n, q in sorted(pool.items()) if n != pr.name]
+                    members = [pr, *rng.sample(others, min(distractors, len(others)))]
+                    rng.shuffle(members)
+                    sp, sn = score_fn(members, [], items), score_fn(members, [pr.name], items)
+                else:
+                    if not p.get("plain") or not p.get("opposite"):
+                        continue
+                    sp = score_fn([Principle(name="p1", definition=p["plain"])], [], items)
+                    sn = score_fn([Principle(name="p1", definition=p["opposite"])], [], items)
+                hits.append(_flip(sp[0], sp[1], sn[0], sn[1]))
+        except UserError as e:
+            out[mode] = {"unsupported": str(e)}
+            continue
+        n = max(len(hits), 1)
+        out[mode] = {"pairs": len(hits), "flip_rate": round(sum(f for f, _ in hits) / n, 4),
+                     "accuracy": round(sum(a for _, a in hits) / n, 4)}
+    return out

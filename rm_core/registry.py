@@ -33,6 +33,10 @@ from salmon.errors import UserError
 VERSION_RE = re.compile(r"^v\d{4,}$")
 MANIFEST = "manifest.json"
 CURRENT = "CURRENT"
+# The principle-following RM that ships with the package for the embedded base, a registry of its own
+# (rebuilt by `salmon rm-pretrain --ship`); `scorer: auto` serves it when no registry version exists.
+SHIPPED_REGISTRY = Path(__file__).resolve().parent / "shipped"
+SHIPPED_PREFIX = "shipped:"
 
 
 class RegistryError(UserError):
@@ -156,3 +160,16 @@ class Registry:
             shutil.rmtree(p, ignore_errors=True)
         for p in self.root.glob(f".{CURRENT}.*.tmp"):
             p.unlink(missing_ok=True)
+
+
+def shipped_version(base_model: str) -> str | None:
+    """The shipped RM's version when it exists for ``base_model`` (its manifest names the base), else None."""
+    reg = Registry(SHIPPED_REGISTRY)
+    version = reg.current()
+    if not version:
+        return None
+    try:
+        manifest = reg.manifest(version, verify=False)
+    except RegistryError:
+        return None
+    return version if manifest.base_model == base_model else None

@@ -470,3 +470,13 @@ def load_trained(registry_root: str | Path, version: str | None = None, options:
     model.eval()
     return TrainedScorer(model, tok, version=version, base_model=manifest.base_model,
                          reward_mean=manifest.reward_mean, reward_std=manifest.reward_std, **kwargs)
+
+
+def load_shipped(options: ModelOptions | None = None, **kwargs) -> TrainedScorer:
+    """The RM shipped with the package (rm_core/shipped), verified like any registry version; its
+    model_version is ``shipped:vNNNN`` so that it never collides with a user registry's names."""
+    from rm_core.registry import SHIPPED_PREFIX, SHIPPED_REGISTRY
+
+    scorer = load_trained(SHIPPED_REGISTRY, None, options, **kwargs)
+    scorer.version = SHIPPED_PREFIX + scorer.version
+    return scorer

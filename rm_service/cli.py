@@ -101,38 +101,64 @@ def score(argv: list[str]) -> int:
 
 
 def check_variants() -> list[str]:
-    """What ``salmon check --scorers`` accepts: the zero-shot variants, and a registry's trained version."""
-    from rm_core.checkset import ZERO_SHOT
+    """What ``salmon check --scorers`` accepts (rm_core.checkset.SCORERS)."""
+    from rm_core.checkset import SCORERS
 
-    return [*ZERO_SHOT, "trained"]
+    return list(SCORERS)
+
+
+def format_flip_table(report: dict) -> str:
+    """The check report as a text table: flip rate (and accuracy) per scorer and mode."""
+    modes = report["modes"]
+    head = f"{'scorer':<12} {'version':<22} " + " ".join(f"{m:>16}" for m in modes)
+    lines = [f"flip rate (accuracy) on {report['pairs']} pairs of {report['check_set']}", head, "-" * len(head)]
+    for kind, t in report["scorers"].items():
+        cells = []
+        for m in modes:
+            c = t.get(m, {})
+            cells.append(f"{'n/a':>16}" if "flip_rate" not in c else
+                         f"{c['flip_rate']:>8.1%} ({c['accuracy']:.0%})".rjust(16))
+        lines.append(f"{kind:<12} {t['version'][:22]:<22} " + " ".join(cells))
+    for kind, t in report["scorers"].items():
+        for m in modes:
+            if "unsupported" in t.get(m, {}):
+                lines.append(f"n/a: {kind} {m}: {t[m]['unsupported']}")
+    return "\n".join(lines)
 
 
 def check(argv: list[str]) -> int:
-    from rm_core.checkset import DEFAULT_CHECK_SET, ZERO_SHOT, run_check
+    from rm_core.checkset import DEFAULT_CHECK_SET, FLIP_MODES, run_check
 
     p = argparse.ArgumentParser(prog="salmon check",
-                                description="Principle-flip rate of each scorer on the labelled check set.")
+                                description="Principle-flip table of each scorer on the labelled check set: "
+                                "the principle alone, inside a set of 5, and as plain text.")
     p.add_argument("--model", default="embedded")
     p.add_argument("--check-set", help="JSONL of flip pairs (default: principles/checks/flip_pairs.jsonl)")
-    p.add_argument("--scorers", default=",".join(ZERO_SHOT),
-                   help=f"comma list of scorer variants ({', '.join(check_variants())})")
+    p.add_argument("--scorers", default="shipped,contrastive",
+                   help=f"comma list of scorers ({', '.join(check_variants())}); --registry adds 'trained'")
+    p.add_argument("--modes", default=",".join(FLIP_MODES), help="comma list of modes (single, set, plain)")
     p.add_argument("--registry", help="also evaluate the CURRENT trained version of this registry")
     p.add_argument("--out", help="write the report JSON here")
-    p.add_argument("--limit", type=int, help="only the first N pairs")
+    p.add_argument("--limit", type=int, help="only N pairs, spread evenly over the check set's principles")
     args = p.parse_args(argv)
     variants = [s.strip() for s in args.scorers.split(",") if s.strip()]
+    if args.registry and "trained" not in variants:
+        variants.append("trained")
     unknown = [v for v in variants if v not in check_variants()]
     if unknown:
         raise UserError(f"--scorers: unknown scorer {', '.join(map(repr, unknown))}; "
                         f"choose from {', '.join(check_variants())}")
+    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    bad = [m for m in modes if m not in FLIP_MODES]
+    if bad:
+        raise UserError(f"--modes: unknown mode {', '.join(map(repr, bad))}; choose from {', '.join(FLIP_MODES)}")
     report = run_check(args.model, Path(args.check_set) if args.check_set else DEFAULT_CHECK_SET,
-                       variants, registry=args.registry, limit=args.limit)
-    text = json.dumps(report, indent=2)
+                       variants, registry=args.registry, limit=args.limit, modes=modes)
     if args.out:
         from salmon.atomic import atomic_write_text
 
-        atomic_write_text(args.out, text + "\n")
-    print(text)
+        atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
+    print(format_flip_table(report))
     return 0
 
 

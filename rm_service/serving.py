@@ -22,9 +22,9 @@ from principles.schema import (
     parse_principle_set,
 )
 from rm_core.prefix_cache import PrefixCache
-from rm_core.registry import Registry, RegistryError
+from rm_core.registry import Registry, RegistryError, shipped_version
 from rm_core.render import PROMPT_FORMAT_VERSION, RenderError
-from rm_core.scorers import Prepared, RuleScorer, Scorer, load_trained, load_zero_shot
+from rm_core.scorers import Prepared, RuleScorer, Scorer, load_shipped, load_trained, load_zero_shot
 from rm_service.batcher import Batcher
 from rm_service.errors import Conflict, InvalidRequest, NotFound, NotReady, PayloadTooLarge, ScoringFailed
 from rm_service.metrics import Metrics
@@ -159,6 +159,8 @@ class ModelManager:
             return s.scorer
         if s.registry is not None and Registry(s.registry).current():
             return "trained"
+        if shipped_version(s.model):
+            return "shipped"
         return "contrastive"
 
     def _common(self) -> dict:
@@ -171,6 +173,8 @@ class ModelManager:
         kind = "trained" if version else self._kind()
         if kind == "rule":
             return RuleScorer(s.rule_pattern, s.rule_length_penalty)
+        if kind == "shipped":
+            return load_shipped(self.options, **self._common())
         if kind == "trained":
             if s.registry is None:
                 raise RegistryError("no registry is configured; start the service with --registry DIR")

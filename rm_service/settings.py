@@ -14,7 +14,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The one list of scorer kinds: `salmon serve/score --scorer` take their choices from it.
-ScorerKind = Literal["auto", "contrastive", "probe", "trained", "rule"]
+ScorerKind = Literal["auto", "shipped", "contrastive", "probe", "trained", "rule"]
 
 
 class ServiceSettings(BaseSettings):
@@ -23,8 +23,9 @@ class ServiceSettings(BaseSettings):
     # -- what scores ---------------------------------------------------------------------------
     scorer: ScorerKind = Field(
         default="auto",
-        description="auto: the registry's CURRENT version if a registry is given and has one, else "
-        "contrastive. contrastive: zero-shot log p(y|x,P) - log p(y|x,P with each principle negated). "
+        description="auto: the registry's CURRENT version if a registry is given and has one, else the "
+        "shipped RM when the model is its base (embedded), else contrastive. shipped: the principle-following "
+        "RM that ships with salmon (one pass, reads plain principles). contrastive: zero-shot log p(y|x,P) - log p(y|x,P with each principle negated). "
         "probe: zero-shot yes/no log-odds. trained: a registry version (needs registry). "
         "rule: regex count minus length penalty, no model (smoke runs and rule-based rewards).",
     )

@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "check": ("rm_service.cli", "report every scorer's principle-flip rate on the labelled check set"),
     "synth": ("data_synth.cli", "synthetic principle preferences: prompts, sample, judge, aggregate, watch"),
     "rm-train": ("data_synth.cli", "train a principle-following reward model and publish a registry version"),
+    "rm-pretrain": ("data_synth.cli", "rebuild the shipped principle-following reward model (minimal pairs, many axes)"),
     "train": ("policy_trainer.cli", "RL (grpo | rloo | ppo) with rewards from the service over HTTP"),
     "demo": ("salmon_cli.demo", "the whole loop on the embedded default, on one CPU machine"),
     "bench": ("benchmarks.cli", "benchmark scoring against its limit and a baseline"),

@@ -1,10 +1,11 @@
 """Prefix key/value cache: a byte-bounded LRU of prefix entries, keyed by (model version, token ids).
 
 Every response of a GRPO group shares its prompt, and every request of a run shares the principle
-block (hundreds of tokens). Full-sequence scoring recomputes both for every response. The causal-LM
-scorers (rm_core/scorers.py, ``CausalLMScorer.cached_response_logprobs``) compute the principle block
-(system segment) once per (model version, token ids), the prompt segment on top of it once per request
-group, and keep both here; the responses then run as suffixes against them. This module holds only
+block (hundreds of tokens). Full-sequence scoring recomputes both for every response. The model
+scorers (rm_core/scorers.py: ``LMScorer.over_cached_prefixes``, under the causal-LM scorers' log-probs
+and the trained scorer's head values) compute the principle block (system segment) once per (model
+version, token ids), the prompt segment on top of it once per request group, and keep both here; the
+responses then run as suffixes against them. This module holds only
 the entries and their bookkeeping: it runs no model and knows nothing of scorers.
 
 Each entry stores the per-layer keys/values of ITS OWN tokens and the hidden state of the prefix's

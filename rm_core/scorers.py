@@ -7,7 +7,8 @@
 - :class:`ProbeScorer` (zero-shot): ``logit("Yes") − logit("No")`` after asking whether the
   response follows the principles.
 - :class:`TrainedScorer`: a registry version — backbone + LoRA + scalar head on the last token,
-  normalised with the manifest's reward mean/std.
+  normalised with the manifest's reward mean/std; with the prefix cache, [principle block + prompt]
+  runs once and a group's responses run against it as a batch, like the causal-LM scorers.
 - :class:`RuleScorer`: no model; regex matches minus a length penalty (smoke runs, rule rewards).
 
 A request item becomes a :class:`Prepared`: the token sequences the model must see and how their
@@ -17,9 +18,10 @@ object is captured at prepare time, so a reload never changes the version mid-re
 ``score_items`` is the offline entry point (check set, data_synth's label source, tests): the same
 prepare/compute/combine path the service runs, without HTTP.
 
-The pieces of a causal-LM scorer's forward are public (:class:`CausalLMScorer`): the prefix forward
-(:meth:`~CausalLMScorer.extend_prefix`), the suffix forward against a cached prefix, the response
-log-probabilities of a prefix's suffixes and of full padded sequences. The service's cached path and
+The pieces of a scorer's forward are public: the prefix forward (:meth:`~LMScorer.extend_prefix`) and
+the suffix forward against a cached prefix (:class:`LMScorer`, shared by every model scorer), the
+response log-probabilities of a prefix's suffixes and of full padded sequences
+(:class:`CausalLMScorer`), the head values of both (:class:`TrainedScorer`). The service's cached path and
 the no-cache path are built from them, and so are the benchmark's limit and baseline.
 """
 
@@ -133,7 +135,10 @@ class RuleScorer(Scorer):
 
 
 class LMScorer(Scorer):
-    """Shared machinery of the scorers that run a transformer over rendered sequences."""
+    """Shared machinery of the scorers that run a transformer over rendered sequences: length-sorted
+    padded batches, and the prefix forward every scorer with a cached-prefix path builds on (the
+    principle block and the prompt run once, kept in a :class:`PrefixCache` under the scorer's
+    version, then a group's responses run as suffixes against them)."""
 
     def __init__(self, model, tokenizer, version: str, base_model: str, max_batch_tokens: int = 4096,
                  max_prompt_tokens: int = 1024, max_response_tokens: int = 1024,
@@ -187,52 +192,12 @@ class LMScorer(Scorer):
                 out[i] = float(v)
         return out
 
-
-class CausalLMScorer(LMScorer):
-    """Scorers whose value comes from a causal LM's next-token distribution.
-
-    The forward's pieces are public so that every path to Σ log p(response | prefix) is built from the
-    same code: no cache (:meth:`padded_response_logprobs` per length-sorted chunk), the prefix cache
-    (:meth:`cached_response_logprobs`), and callers that keep prefixes themselves
-    (:meth:`extend_prefix` then :meth:`prefix_response_logprobs`). None of them takes the scorer's lock;
-    :meth:`Scorer.compute` does, so concurrent callers go through it.
-    """
-
+    # -- prefix reuse ---------------------------------------------------------------------------
     @property
     def decoder(self) -> torch.nn.Module:
-        """The model without its lm_head: what returns the last hidden states."""
+        """The model without its output head (lm_head or score head): what returns the last hidden states."""
         return self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.base_model
 
-    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """fp32 next-token logits [rows, vocab] from hidden states [rows, hidden]."""
-        return self.model.get_output_embeddings()(hidden).float()
-
-    def response_logprob_sum(self, hidden_rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Σ log p(target | hidden) over rows, computed in chunks to bound the logits tensor."""
-        total = torch.zeros((), dtype=torch.float32, device=hidden_rows.device)
-        for s in range(0, hidden_rows.shape[0], LOGIT_CHUNK):
-            logits = self.lm_logits(hidden_rows[s:s + LOGIT_CHUNK])
-            # log_softmax then gather, not logit − logsumexp: on CPU torch's logsumexp is the slower of the
-            # two (measured on [200, 49152] fp32 logits: 176 ms vs 334 ms including the lm_head matmul).
-            lp = torch.log_softmax(logits, dim=-1)
-            total = total + lp.gather(1, targets[s:s + LOGIT_CHUNK, None]).sum()
-        return total
-
-    @torch.inference_mode()
-    def padded_response_logprobs(self, seqs: Sequence[RenderedInput]) -> list[float]:
-        """Σ log p(response | prefix) per sequence: ONE forward over the full sequences, right-padded together."""
-        ids, mask = self.pad([s.input_ids for s in seqs])
-        return self._padded_logprobs(ids, mask, seqs)
-
-    def _padded_logprobs(self, ids: torch.Tensor, mask: torch.Tensor, seqs: Sequence[RenderedInput]) -> list[float]:
-        hidden = self.decoder(input_ids=ids, attention_mask=mask).last_hidden_state
-        out = []
-        for j, s in enumerate(seqs):
-            p, n = len(s.prefix_ids), len(s.response_ids)
-            out.append(float(self.response_logprob_sum(hidden[j, p - 1:p + n - 1], ids[j, p:p + n])))
-        return out
-
-    # -- prefix reuse ---------------------------------------------------------------------------
     def uses_cascade(self, attention: PrefixAttention) -> bool:
         """Whether suffixes attend to a cached prefix through the cascade (else the expanded cache)."""
         return attention == "auto" and cascade_available(self.model, self.device)
@@ -270,6 +235,86 @@ class CausalLMScorer(LMScorer):
         return expanded_prefix_forward(self.decoder, prefix_kv, ids, suffix_mask,
                                        config=self.model.config).last_hidden_state
 
+    def _cached_prefix(self, cache: PrefixCache, system: tuple[int, ...], prompt: tuple[int, ...]
+                       ) -> tuple[PrefixEntry, int]:
+        """The (system + prompt) entry, and how many of its tokens came from ``cache``."""
+        v = self.version
+        full = cache.get(v, system + prompt)
+        if full is not None:
+            return full, full.length
+        sys_entry = cache.get(v, system)
+        cached = sys_entry.length if sys_entry else 0
+        if sys_entry is None:
+            sys_entry = self.extend_prefix(None, system)
+            cache.put(v, system, sys_entry)
+        entry = self.extend_prefix(sys_entry, prompt, prefix_key(v, system)) if prompt else sys_entry
+        cache.put(v, system + prompt, entry)
+        return entry, cached
+
+    @torch.inference_mode()
+    def over_cached_prefixes(self, seqs: Sequence[RenderedInput],
+                             per_prefix: Callable[[PrefixEntry, list[tuple[int, ...]], bool], list[float]],
+                             cache: PrefixCache | None = None) -> tuple[list[float], list[int]]:
+        """``per_prefix(entry, responses, cascade)`` for each (principle block, prompt) group of ``seqs``,
+        its prefix taken from ``cache`` (default: the scorer's own) or computed once and put there; the
+        values in ``seqs``' order, and how many of each sequence's tokens came from the cache."""
+        cache = self.prefix_cache if cache is None else cache
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, s in enumerate(seqs):
+            groups[(s.system_ids, s.prompt_ids)].append(i)
+        out = [0.0] * len(seqs)
+        cached = [0] * len(seqs)
+        cascade = self.uses_cascade(cache.attention)
+        for (system, prompt), idx in groups.items():
+            entry, hit = self._cached_prefix(cache, system, prompt)
+            # Within a group only the first sequence pays for the prefix; the rest reuse it.
+            for n, i in enumerate(idx):
+                cached[i] = hit if n == 0 else entry.length
+            values = per_prefix(entry, [seqs[i].response_ids for i in idx], cascade)
+            for i, v in zip(idx, values, strict=True):
+                out[i] = v
+        return out, cached
+
+
+class CausalLMScorer(LMScorer):
+    """Scorers whose value comes from a causal LM's next-token distribution.
+
+    The forward's pieces are public so that every path to Σ log p(response | prefix) is built from the
+    same code: no cache (:meth:`padded_response_logprobs` per length-sorted chunk), the prefix cache
+    (:meth:`cached_response_logprobs`), and callers that keep prefixes themselves
+    (:meth:`extend_prefix` then :meth:`prefix_response_logprobs`). None of them takes the scorer's lock;
+    :meth:`Scorer.compute` does, so concurrent callers go through it.
+    """
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 next-token logits [rows, vocab] from hidden states [rows, hidden]."""
+        return self.model.get_output_embeddings()(hidden).float()
+
+    def response_logprob_sum(self, hidden_rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Σ log p(target | hidden) over rows, computed in chunks to bound the logits tensor."""
+        total = torch.zeros((), dtype=torch.float32, device=hidden_rows.device)
+        for s in range(0, hidden_rows.shape[0], LOGIT_CHUNK):
+            logits = self.lm_logits(hidden_rows[s:s + LOGIT_CHUNK])
+            # log_softmax then gather, not logit − logsumexp: on CPU torch's logsumexp is the slower of the
+            # two (measured on [200, 49152] fp32 logits: 176 ms vs 334 ms including the lm_head matmul).
+            lp = torch.log_softmax(logits, dim=-1)
+            total = total + lp.gather(1, targets[s:s + LOGIT_CHUNK, None]).sum()
+        return total
+
+    @torch.inference_mode()
+    def padded_response_logprobs(self, seqs: Sequence[RenderedInput]) -> list[float]:
+        """Σ log p(response | prefix) per sequence: ONE forward over the full sequences, right-padded together."""
+        ids, mask = self.pad([s.input_ids for s in seqs])
+        return self._padded_logprobs(ids, mask, seqs)
+
+    def _padded_logprobs(self, ids: torch.Tensor, mask: torch.Tensor, seqs: Sequence[RenderedInput]) -> list[float]:
+        hidden = self.decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        out = []
+        for j, s in enumerate(seqs):
+            p, n = len(s.prefix_ids), len(s.response_ids)
+            out.append(float(self.response_logprob_sum(hidden[j, p - 1:p + n - 1], ids[j, p:p + n])))
+        return out
+
     @torch.inference_mode()
     def prefix_response_logprobs(self, entry: PrefixEntry, responses: Sequence[Sequence[int]],
                                  cascade: bool) -> list[float]:
@@ -291,22 +336,6 @@ class CausalLMScorer(LMScorer):
                 out[i] = float(total)
         return out
 
-    def _cached_prefix(self, cache: PrefixCache, system: tuple[int, ...], prompt: tuple[int, ...]
-                       ) -> tuple[PrefixEntry, int]:
-        """The (system + prompt) entry, and how many of its tokens came from ``cache``."""
-        v = self.version
-        full = cache.get(v, system + prompt)
-        if full is not None:
-            return full, full.length
-        sys_entry = cache.get(v, system)
-        cached = sys_entry.length if sys_entry else 0
-        if sys_entry is None:
-            sys_entry = self.extend_prefix(None, system)
-            cache.put(v, system, sys_entry)
-        entry = self.extend_prefix(sys_entry, prompt, prefix_key(v, system)) if prompt else sys_entry
-        cache.put(v, system + prompt, entry)
-        return entry, cached
-
     @torch.inference_mode()
     def cached_response_logprobs(self, seqs: list[RenderedInput], cache: PrefixCache | None = None
                                  ) -> tuple[list[float], list[int]]:
@@ -323,22 +352,7 @@ class CausalLMScorer(LMScorer):
 
         Values equal the no-cache path within fp tolerance (tests/rm_core/test_prefix_cache.py).
         """
-        cache = self.prefix_cache if cache is None else cache
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        for i, s in enumerate(seqs):
-            groups[(s.system_ids, s.prompt_ids)].append(i)
-        out = [0.0] * len(seqs)
-        cached = [0] * len(seqs)
-        cascade = self.uses_cascade(cache.attention)
-        for (system, prompt), idx in groups.items():
-            entry, hit = self._cached_prefix(cache, system, prompt)
-            # Within a group only the first sequence pays for the prefix; the rest reuse it.
-            for n, i in enumerate(idx):
-                cached[i] = hit if n == 0 else entry.length
-            values = self.prefix_response_logprobs(entry, [seqs[i].response_ids for i in idx], cascade)
-            for i, v in zip(idx, values, strict=True):
-                out[i] = v
-        return out, cached
+        return self.over_cached_prefixes(seqs, self.prefix_response_logprobs, cache)
 
 
 class ContrastiveScorer(CausalLMScorer):
@@ -412,7 +426,16 @@ class ProbeScorer(CausalLMScorer):
 
 
 class TrainedScorer(LMScorer):
-    """A principle-following reward model from the registry: scalar head on the last token."""
+    """A principle-following reward model from the registry: scalar head on the last token.
+
+    The model is a sequence classifier (backbone + merged LoRA + a ``score`` head): its value is the
+    head at the sequence's last non-pad token, the token transformers' own forward reads. With the
+    prefix cache on, :meth:`cached_head_values` computes [principle block + prompt] once per model
+    version (a reload retires the old version's entries), runs a group's responses against it as a
+    batch and reads the head at each response's last token; :meth:`full_head_values` is the
+    no-cache path, every sequence in full. Both give the same values within fp tolerance
+    (tests/rm_core/test_trained_prefix.py).
+    """
 
     kind = "trained"
 
@@ -426,13 +449,108 @@ class TrainedScorer(LMScorer):
         m, s = self.reward_mean, self.reward_std
         return Prepared(self, [seq], lambda v, m=m, s=s: (v[0] - m) / s, truncated=seq.truncated)
 
+    @property
+    def head(self) -> torch.nn.Module | None:
+        """The scalar head over the backbone's last hidden states (None: a model without one, which
+        has no prefix path and always runs in full)."""
+        head = getattr(self.model, "score", None)
+        return head if isinstance(head, torch.nn.Module) else None
+
+    @property
+    def value_pad_id(self) -> int | None:
+        """The id the model's forward skips when it looks for a sequence's last token (None: it reads the last)."""
+        return self.model.config.get_text_config().pad_token_id
+
+    def last_value_index(self, ids: Sequence[int]) -> int:
+        """Where in ``ids`` the full forward reads the value: the last token that is not the pad id
+        (-1 when there is none). Rendered sequences end in the chat template's closing text, so this is
+        their last token; the rule is transformers' own, so both paths read the same position."""
+        pad = self.value_pad_id
+        if pad is None:
+            return len(ids) - 1
+        for j in range(len(ids) - 1, -1, -1):
+            if ids[j] != pad:
+                return j
+        return -1
+
+    def head_values(self, hidden: torch.Tensor) -> list[float]:
+        """fp32 head values of hidden states [rows, hidden]."""
+        return self.head(hidden).float()[:, 0].tolist()
+
+    @torch.inference_mode()
+    def padded_head_values(self, seqs: Sequence[RenderedInput]) -> list[float]:
+        """Head values per sequence: ONE forward of the whole model over the full sequences, right-padded together."""
+        ids, mask = self.pad([s.input_ids for s in seqs])
+        return self._padded_values(ids, mask, seqs)
+
+    def _padded_values(self, ids: torch.Tensor, mask: torch.Tensor, rows: Sequence[RenderedInput]) -> list[float]:
+        return self.model(input_ids=ids, attention_mask=mask).logits[:, 0].float().tolist()
+
+    @torch.inference_mode()
+    def full_head_values(self, seqs: list[RenderedInput]) -> list[float]:
+        """The no-cache path: every sequence in full, right-padded, batched by token budget."""
+        return self._batched(seqs, self._padded_values)
+
+    @torch.inference_mode()
+    def prefix_head_values(self, entry: PrefixEntry, responses: Sequence[Sequence[int]], cascade: bool) -> list[float]:
+        """Head values of ``responses`` that all follow the prefix ``entry``: length-sorted chunks of
+        right-padded suffixes against its keys/values, the head read at each response's last token.
+        A response with no token to read at (all pad ids) is read at the prefix's last token, which
+        ``entry`` holds (where the full forward reads too unless that token is a pad id:
+        :meth:`cached_head_values` runs that case in full)."""
+        prefix_kv = entry.full_kv()
+        lengths = [len(r) for r in responses]
+        at = [self.last_value_index(r) for r in responses]
+        out = [0.0] * len(responses)
+        empty = [i for i in range(len(responses)) if at[i] < 0]
+        if empty:
+            first = self.head_values(entry.last_hidden[None])[0]
+            for i in empty:
+                out[i] = first
+        readable = [i for i in sorted(range(len(responses)), key=lambda i: -lengths[i]) if at[i] >= 0]
+        for chunk in self.chunks(readable, lengths) if readable else []:
+            ids, smask = self.pad([list(responses[i]) for i in chunk])
+            # Only each row's last real token is read: later tokens (padding) cannot change it, earlier
+            # ones only through attention, so one row per response goes through the head.
+            width = max(at[i] for i in chunk) + 1
+            hidden = self.suffix_hidden_states(prefix_kv, ids[:, :width], smask[:, :width], cascade)
+            rows = hidden[torch.arange(len(chunk), device=hidden.device), torch.tensor([at[i] for i in chunk], device=hidden.device)]
+            for i, v in zip(chunk, self.head_values(rows), strict=True):
+                out[i] = v
+        return out
+
+    @torch.inference_mode()
+    def cached_head_values(self, seqs: list[RenderedInput], cache: PrefixCache | None = None
+                           ) -> tuple[list[float], list[int]]:
+        """Head values per sequence via shared prefixes kept in ``cache`` (default: the scorer's own), and
+        how many of each sequence's tokens came from the cache.
+
+        Sequences whose value the full forward reads inside the prefix (a response of pad ids after a
+        prefix that ends in one, which no chat template renders) run in full, so every value is the
+        full path's.
+        """
+        prefix_readable = [i for i, s in enumerate(seqs)
+                           if self.last_value_index(s.response_ids) >= 0
+                           or self.last_value_index(s.prefix_ids) == len(s.prefix_ids) - 1]
+        if len(prefix_readable) == len(seqs):
+            return self.over_cached_prefixes(seqs, self.prefix_head_values, cache)
+        out, cached = [0.0] * len(seqs), [0] * len(seqs)
+        keep = set(prefix_readable)
+        if prefix_readable:
+            vals, hits = self.over_cached_prefixes([seqs[i] for i in prefix_readable], self.prefix_head_values, cache)
+            for i, v, h in zip(prefix_readable, vals, hits, strict=True):
+                out[i], cached[i] = v, h
+        rest = [i for i in range(len(seqs)) if i not in keep]
+        for i, v in zip(rest, self.full_head_values([seqs[i] for i in rest]), strict=True):
+            out[i] = v
+        return out, cached
+
     @torch.inference_mode()
     def compute(self, seqs):
-        def run(ids, mask, rows):
-            return self.model(input_ids=ids, attention_mask=mask).logits[:, 0].float().tolist()
-
         with self._lock:
-            return self._batched(seqs, run), [0] * len(seqs)
+            if self.prefix_cache is not None and self.prefix_cache.enabled and self.head is not None:
+                return self.cached_head_values(seqs)
+            return self.full_head_values(seqs), [0] * len(seqs)
 
 
 # -- construction ------------------------------------------------------------------------------

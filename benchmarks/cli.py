@@ -23,9 +23,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         prog="salmon bench",
         description="Benchmark /v1/score (prefix cache on/off) against its limit and a serve_rm-style "
         "baseline on a GRPO-shaped workload; see benchmarks/__init__.py for the method.")
-    p.add_argument("--model", default="embedded", help="causal LM: 'embedded', a .gguf, or a local HF dir")
-    p.add_argument("--scorer", default="contrastive", choices=["contrastive"],
-                   help="the scorer whose sequences are run (the probe and trained scorers have no prefix path)")
+    p.add_argument("--model", default=None,
+                   help="causal LM of the contrastive scorer: 'embedded' (default), a .gguf, or a local HF dir; "
+                   "the trained scorer runs on its manifest's base model")
+    p.add_argument("--scorer", default="contrastive", choices=["contrastive", "trained"],
+                   help="the scorer whose sequences are run: contrastive (zero-shot) or trained (a registry "
+                   "version, by default the shipped reward model)")
+    p.add_argument("--registry", default=None,
+                   help="trained scorer: a reward-model registry directory (default: the shipped RM, rm_core/shipped)")
+    p.add_argument("--version", default=None, help="trained scorer: the registry version (default: its CURRENT)")
     p.add_argument("--contrast", default="whole_set", choices=["whole_set", "per_principle"],
                    help="whole_set: 2 sequences per item (default); per_principle: k+1")
     p.add_argument("--prompts", "-B", type=int, default=4, help="prompts per round (B; concurrent requests)")
@@ -63,7 +69,34 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if bad or not configs:
         raise UserError(f"--configs: unknown {bad}; choose from {', '.join(CONFIGS)}")
     args.configs = [c for c in CONFIGS if c in configs]
+    if args.scorer != "trained" and (args.registry or args.version):
+        raise UserError("--registry and --version choose the trained scorer's model; add --scorer trained")
+    if args.version and not args.registry:
+        raise UserError("--version needs --registry: the shipped reward model is served at its CURRENT version")
     return args
+
+
+def resolve_trained(args: argparse.Namespace) -> str:
+    """The trained scorer's version name as the service reports it; sets ``args.model`` to its base model.
+    The version's files are verified when the workers load it."""
+    from rm_core.registry import SHIPPED_PREFIX, SHIPPED_REGISTRY, Registry, RegistryError
+
+    root = Path(args.registry) if args.registry else SHIPPED_REGISTRY
+    reg = Registry(root)
+    version = args.version or reg.current()
+    if not version:
+        where = f"registry {root}" if args.registry else "the shipped reward model (rm_core/shipped)"
+        raise UserError(f"{where} has no CURRENT version; pass --registry DIR (and --version) of a trained one")
+    try:
+        manifest = reg.manifest(version, verify=False)
+    except RegistryError as e:
+        raise UserError(str(e)) from None
+    if args.model is not None and args.model != manifest.base_model:
+        raise UserError(f"--model {args.model!r} is not the base model of {version} ({manifest.base_model!r}); "
+                        "leave --model out with --scorer trained")
+    args.model = manifest.base_model
+    args.version = version
+    return version if args.registry else SHIPPED_PREFIX + version
 
 
 
@@ -71,6 +104,9 @@ def main(argv: list[str]) -> int:
     """`salmon bench`: ``argv[0]`` is the command name, as salmon_cli passes it."""
     args = parse_args(argv[1:])
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    scorer_version = resolve_trained(args) if args.scorer == "trained" else None
+    if args.model is None:
+        args.model = "embedded"
     from rm_core.render import Renderer
     from salmon.modeling import ModelSourceError, load_tokenizer
 
@@ -84,7 +120,8 @@ def main(argv: list[str]) -> int:
     resp_tokens = [len(tok(r, add_special_tokens=False)["input_ids"])
                    for rnd in workload["rounds"] for _, rs in rnd for r in rs]
     env = environment(args)
-    wl_info = {"model": args.model, "scorer": args.scorer, "contrast": args.contrast, "prompts": args.prompts,
+    wl_info = {"model": args.model, "scorer": args.scorer, "scorer_version": scorer_version,
+               "contrast": args.contrast if args.scorer == "contrastive" else None, "prompts": args.prompts,
                "generations": args.generations, "rounds": args.rounds, "prefix_tokens": args.prefix_tokens,
                "prefix_tokens_actual": block_tokens, "num_principles": len(principles),
                "min_response_tokens": args.min_response_tokens, "max_response_tokens": args.max_response_tokens,
@@ -93,7 +130,7 @@ def main(argv: list[str]) -> int:
                "prefix_attention": args.prefix_attention, "baseline_batch_size": args.baseline_batch_size,
                "dtype": args.dtype, "device": args.device, "threads": args.threads,
                "command": "salmon " + " ".join(argv)}
-    print(f"salmon bench: {args.prompts}×{args.generations} items × {args.rounds} rounds, principle block "
+    print(f"salmon bench: {scorer_version or args.scorer}, {args.prompts}×{args.generations} items × {args.rounds} rounds, principle block "
           f"{block_tokens} tokens ({len(principles)} principles), load {env['load_average']}", file=sys.stderr)
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="salmon-bench-") as tmpd:
@@ -106,7 +143,9 @@ def main(argv: list[str]) -> int:
         set_path.write_text(yaml.safe_dump({
             "name": SET_NAME, "description": "salmon bench: shipped principles up to the target block length",
             "principles": [pr.model_dump(mode="json", exclude_defaults=True) for pr in principles]}, sort_keys=False))
-        spec = {"model": args.model, "scorer": args.scorer, "contrast": args.contrast, "dtype": args.dtype,
+        spec = {"model": args.model, "scorer": args.scorer, "contrast": args.contrast,
+                "registry": str(Path(args.registry).resolve()) if args.registry else None,
+                "version": args.version, "dtype": args.dtype,
                 "device": args.device, "threads": args.threads, "max_batch_tokens": args.max_batch_tokens,
                 "max_padding": args.max_padding, "prefix_attention": args.prefix_attention,
                 "max_response_tokens": args.max_response_tokens, "generations": args.generations,

@@ -19,11 +19,22 @@ LABELS = {
     "baseline": "(4) serve_rm-style stand-in (not OpenRLHF)",
 }
 TARGETS = {"service_vs_limit_time": 1.25, "speedup_vs_no_cache": 3.0, "speedup_vs_baseline": 4.0}
+# The trained scorer runs one sequence per item and no lm_head, so little besides the forward itself
+# stands between the service and its limit: its bound is tighter.
+SCORER_TARGETS = {"trained": {**TARGETS, "service_vs_limit_time": 1.15}}
 
 
-def workload_flops(config, groups: list[list]) -> dict[str, float]:
+def targets_for(scorer: str | None) -> dict[str, float]:
+    """The ratio targets of a run of ``scorer``."""
+    return SCORER_TARGETS.get(scorer or "", TARGETS)
+
+
+def workload_flops(config, groups: list[list], value_head: str = "lm") -> dict[str, float]:
     """FLOPs each configuration must do for ``groups`` (a request's sequences each), from the model's
-    shapes: linear layers per token, attention per (query, key) pair, lm_head per response token.
+    shapes: linear layers per token, attention per (query, key) pair, and the value head: ``"lm"``
+    (the causal-LM scorers) is the lm_head per response token; ``"scalar"`` (the trained scorer) is a
+    one-output head, read at one token per sequence on the cached path and, as transformers' sequence
+    classifier does, applied to every token of a full forward.
 
     service: the responses as suffixes against their prefix, plus each prompt once per principle
     block (the blocks themselves are warm); no_cache: every full sequence, unpadded; baseline: every
@@ -36,7 +47,15 @@ def workload_flops(config, groups: list[list]) -> dict[str, float]:
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     linear = 2 * layers * (hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2 + 3 * hidden * inter)
     attn_pair = layers * 4 * heads * head_dim
-    head = 2 * hidden * config.vocab_size
+    if value_head not in {"lm", "scalar"}:
+        raise ValueError("value_head must be 'lm' or 'scalar'")
+    scalar = value_head == "scalar"
+    head = 2 * hidden * (1 if scalar else config.vocab_size)
+
+    def head_flops(x, width: int | None = None) -> int:  # a full forward of x, padded to width
+        if scalar:
+            return head * (width or len(x))
+        return head * len(x.response_ids)
 
     def causal(start: int, n: int) -> int:  # Σ context over n tokens whose first sees start + 1 keys
         return n * start + n * (n + 1) // 2
@@ -45,12 +64,12 @@ def workload_flops(config, groups: list[list]) -> dict[str, float]:
     for seqs in groups:
         for x in seqs:
             p, r = len(x.prefix_ids), len(x.response_ids)
-            out["service"] += r * (linear + head) + attn_pair * causal(p, r)
-            out["no_cache"] += len(x) * linear + attn_pair * causal(0, len(x)) + r * head
+            out["service"] += r * linear + (head if scalar else r * head) + attn_pair * causal(p, r)
+            out["no_cache"] += len(x) * linear + attn_pair * causal(0, len(x)) + head_flops(x)
         for system, prompt in {(x.system_ids, x.prompt_ids) for x in seqs}:
             out["service"] += len(prompt) * linear + attn_pair * causal(len(system), len(prompt))
         width = max(len(x) for x in seqs)
-        out["baseline"] += sum(width * linear + attn_pair * causal(0, width) + len(x.response_ids) * head
+        out["baseline"] += sum(width * linear + attn_pair * causal(0, width) + head_flops(x, width)
                                for x in seqs)
     return out
 
@@ -88,7 +107,7 @@ def summarize(results: dict[str, dict], spec: dict) -> dict:
             "tokens_reported": r["tokens"], "cached_tokens": r.get("cached_tokens"),
             "load_before": r["load_before"], "load_after": r["load_after"], "torch_threads": r.get("torch_threads"),
         }
-        for k in ("unique_tokens", "sequences", "block_kv_bytes", "prefix_cache"):
+        for k in ("unique_tokens", "sequences", "block_kv_bytes", "prefix_cache", "model_version"):
             if k in r:
                 rows[name][k] = r[k]
     t = {k: results[k]["wall_s"] if k in results else None for k in CONFIGS}
@@ -108,16 +127,19 @@ def summarize(results: dict[str, dict], spec: dict) -> dict:
             rows[name]["gflop"] = flops[key] / 1e9
             rows[name]["gflop_per_s"] = flops[key] / 1e9 / rows[name]["wall_s"]
     pc = (results.get("service") or {}).get("prefix_cache") or {}
+    bound = targets_for(spec.get("scorer"))
     targets = {
-        "service_within_1.25x_of_limit": None if ratios["service_vs_limit_time"] is None
-        else ratios["service_vs_limit_time"] <= TARGETS["service_vs_limit_time"],
+        f"service_within_{bound['service_vs_limit_time']:g}x_of_limit": None
+        if ratios["service_vs_limit_time"] is None
+        else ratios["service_vs_limit_time"] <= bound["service_vs_limit_time"],
         "service_3x_faster_than_no_cache": None if ratios["speedup_vs_no_cache"] is None
-        else ratios["speedup_vs_no_cache"] >= TARGETS["speedup_vs_no_cache"],
+        else ratios["speedup_vs_no_cache"] >= bound["speedup_vs_no_cache"],
         "service_4x_faster_than_baseline": None if ratios["speedup_vs_baseline"] is None
-        else ratios["speedup_vs_baseline"] >= TARGETS["speedup_vs_baseline"],
+        else ratios["speedup_vs_baseline"] >= bound["speedup_vs_baseline"],
         "cache_within_bound": (pc["bytes"] <= pc["max_bytes"]) if pc else None,
     }
-    return {"configurations": rows, "ratios": ratios, "work_ratios": work, "targets": targets, "tokens": tokens}
+    return {"configurations": rows, "ratios": ratios, "work_ratios": work, "targets": targets,
+            "target_values": bound, "tokens": tokens}
 
 
 def _ms(x: float | None) -> float | None:
@@ -185,9 +207,13 @@ def markdown(report: dict) -> str:
     """One BENCHMARKS.md entry: the run's machine, command, versions, workload, table and ratios."""
     env, wl, s = report["environment"], report["workload"], report["summary"]
     ra, tg = s["ratios"], s["targets"]
+    bound = s.get("target_values") or TARGETS
+    limit_key = f"service_within_{bound['service_vs_limit_time']:g}x_of_limit"
     pc = s["configurations"].get("service", {}).get("prefix_cache") or {}
+    what = (f"trained {wl.get('scorer_version')}" if wl["scorer"] == "trained"
+            else f"{wl['scorer']}, {wl['contrast']}")
     out = [
-        f"## {env['date']} — `salmon bench` ({wl['scorer']}, {wl['contrast']}, model {wl['model']})", "",
+        f"## {env['date']} — `salmon bench` ({what}, model {wl['model']})", "",
         f"- Machine: {env['nproc']} CPU ({env['cpu']}), {env['ram_gib']} GiB RAM"
         + (f", GPU {env['gpu']}" if env.get("gpu") else "") + f"; device {wl['device']}, dtype {wl['dtype']}, "
         f"torch threads {s['configurations'].get('service', {}).get('torch_threads', '–')}.",
@@ -207,11 +233,11 @@ def markdown(report: dict) -> str:
         "",
         table(report),
         "",
-        f"- (2) vs (1), time: **{_fmt(ra['service_vs_limit_time'], 2)}×** (target ≤ 1.25: "
-        f"{_fmt(tg['service_within_1.25x_of_limit'])})",
-        f"- (2) vs (3), speed-up: **{_fmt(ra['speedup_vs_no_cache'], 2)}×** (target ≥ 3: "
-        f"{_fmt(tg['service_3x_faster_than_no_cache'])})",
-        f"- (2) vs (4), speed-up: **{_fmt(ra['speedup_vs_baseline'], 2)}×** (target ≥ 4: "
+        f"- (2) vs (1), time: **{_fmt(ra['service_vs_limit_time'], 2)}×** "
+        f"(target ≤ {bound['service_vs_limit_time']:g}: {_fmt(tg.get(limit_key))})",
+        f"- (2) vs (3), speed-up: **{_fmt(ra['speedup_vs_no_cache'], 2)}×** "
+        f"(target ≥ {bound['speedup_vs_no_cache']:g}: {_fmt(tg['service_3x_faster_than_no_cache'])})",
+        f"- (2) vs (4), speed-up: **{_fmt(ra['speedup_vs_baseline'], 2)}×** (target ≥ {bound['speedup_vs_baseline']:g}: "
         f"{_fmt(tg['service_4x_faster_than_baseline'])})",
         (f"- Work (FLOPs counted from the model's shapes and the workload's lengths): (3) is "
          f"{_fmt(s.get('work_ratios', {}).get('no_cache_vs_service'), 2)}× and (4) "

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.baselines import baseline_app, limit_logprobs
+from benchmarks.baselines import baseline_app, limit_values
 from benchmarks.report import LABELS, workload_flops
 from benchmarks.workload import SET_NAME, items
 from salmon.errors import UserError
@@ -40,13 +40,26 @@ def _emit(obj: dict) -> None:
 
 
 def _load_scorer(spec: dict):
-    from rm_core.scorers import load_zero_shot
+    from rm_core.scorers import load_shipped, load_trained, load_zero_shot
     from salmon.modeling import ModelOptions
 
-    return load_zero_shot(spec["scorer"], spec["model"], ModelOptions(dtype=spec["dtype"], device=spec["device"]),
-                          contrast=spec["contrast"], max_batch_tokens=spec["max_batch_tokens"],
-                          max_padding=spec["max_padding"],
-                          max_response_tokens=max(1024, spec["max_response_tokens"] + 16), prefix_cache=None)
+    options = ModelOptions(dtype=spec["dtype"], device=spec["device"])
+    common = dict(max_batch_tokens=spec["max_batch_tokens"], max_padding=spec["max_padding"],
+                  max_response_tokens=max(1024, spec["max_response_tokens"] + 16), prefix_cache=None)
+    if spec["scorer"] == "trained":
+        if spec.get("registry"):
+            return load_trained(spec["registry"], spec.get("version"), options, **common)
+        return load_shipped(options, **common)
+    return load_zero_shot(spec["scorer"], spec["model"], options, contrast=spec["contrast"], **common)
+
+
+def _service_scorer(spec: dict) -> dict:
+    """The service settings that make it serve the benchmarked scorer."""
+    if spec["scorer"] != "trained":
+        return {"scorer": spec["scorer"], "contrast": spec["contrast"]}
+    if spec.get("registry"):
+        return {"scorer": "trained", "registry": Path(spec["registry"]), "watch_registry": False}
+    return {"scorer": "shipped"}
 
 
 def worker(config: str, spec_path: str) -> int:
@@ -68,31 +81,31 @@ def worker(config: str, spec_path: str) -> int:
         cascade = scorer.uses_cascade(spec["prefix_attention"])
         block_kv: dict = {}
         warm = [scorer.prepare(principles, p, r) for p, r in items(wl["warmup"])]
-        limit_logprobs(scorer, [s for p in warm for s in p.seqs], block_kv, cascade)
+        limit_values(scorer, [s for p in warm for s in p.seqs], block_kv, cascade)
         timed = [scorer.prepare(principles, p, r) for rnd in wl["rounds"] for p, r in items(rnd)]
         seqs = [s for p in timed for s in p.seqs]
         _sync(scorer.device)
         t0 = time.perf_counter()
-        values, ran = limit_logprobs(scorer, seqs, block_kv, cascade)
+        values, ran = limit_values(scorer, seqs, block_kv, cascade)
         _sync(scorer.device)
         wall = time.perf_counter() - t0
         scores = combine_values(timed, values)
         kv_bytes = sum(e.nbytes for e in block_kv.values())
         groups = [[s for p in timed[g:g + spec["generations"]] for s in p.seqs]
                   for g in range(0, len(timed), spec["generations"])]  # one request = one prompt's G items
-        flops = workload_flops(scorer.model.config, groups)
+        flops = workload_flops(scorer.model.config, groups, "scalar" if scorer.kind == "trained" else "lm")
         _emit({"event": "result", "wall_s": wall, "scores": scores, "tokens": sum(len(s) for s in seqs),
                "flops": flops,
                "unique_tokens": ran, "sequences": len(seqs), "block_kv_bytes": kv_bytes,
-               "peak_rss_mib": _peak_rss_mib(), "torch_threads": torch.get_num_threads()})
+               "peak_rss_mib": _peak_rss_mib(), "torch_threads": torch.get_num_threads(),
+               "model_version": scorer.version})
         return 0
 
     from rm_service.settings import ServiceSettings
     from rm_service.testing import ServerThread
 
     settings = ServiceSettings(
-        port=0, scorer=spec["scorer"], model=spec["model"], contrast=spec["contrast"],
-        prefix_cache=config == "service", max_batch_tokens=spec["max_batch_tokens"],
+        port=0, model=spec["model"], **_service_scorer(spec), prefix_cache=config == "service", max_batch_tokens=spec["max_batch_tokens"],
         max_padding=spec["max_padding"], prefix_attention=spec["prefix_attention"], dtype=spec["dtype"],
         device=spec["device"], num_threads=spec.get("threads"), principle_sets_dir=Path(spec["set_path"]).parent,
         default_principle_set=SET_NAME, max_response_tokens=max(1024, spec["max_response_tokens"] + 16),
@@ -211,13 +224,15 @@ def run_config(config: str, spec: dict, spec_path: Path, tmp: Path) -> dict:
         if config == "limit":
             w.close()
             res = {k: ev[k] for k in ("wall_s", "scores", "tokens", "unique_tokens", "sequences",
-                                      "block_kv_bytes", "peak_rss_mib", "torch_threads", "flops")}
+                                      "block_kv_bytes", "peak_rss_mib", "torch_threads", "flops",
+                                      "model_version")}
             res["latencies_s"] = []
         else:
             driven = asyncio.run(_drive(ev["url"], spec["workload"], spec["timeout_s"]))
             stopped = w.finish()
             res = {**driven, "peak_rss_mib": stopped["peak_rss_mib"], "torch_threads": ev.get("torch_threads")}
             info = res.pop("model_info") or {}
+            res["model_version"] = info.get("model_version")
             if config == "service":
                 res["prefix_cache"] = info.get("prefix_cache")
     except BaseException:

@@ -3,7 +3,8 @@
 Modules: :mod:`benchmarks.workload` (the workload below), :mod:`benchmarks.baselines` (configurations
 (1) and (4)'s model side), :mod:`benchmarks.runner` (one subprocess per configuration, the HTTP
 client, the timing), :mod:`benchmarks.report` (FLOP counts, the summary, BENCHMARKS.md) and
-:mod:`benchmarks.cli` (``main(argv)``, what ``salmon bench`` runs).
+:mod:`benchmarks.cli` (``main(argv)``, what ``salmon bench`` runs), :mod:`benchmarks.sweep`
+(``--sweep``: the trained scorer over group sizes and principle-block lengths, a table and a PNG).
 
 Workload (GRPO-shaped, seeded): B prompts × G responses per round, R rounds, one principle set for the
 whole run. A trainer sends one request per prompt group (G items sharing a prompt), the B requests of

@@ -52,7 +52,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads per configuration (default: torch's)")
-    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list, subset of {','.join(CONFIGS)}")
+    p.add_argument("--configs", default=None,
+                   help=f"comma list, subset of {','.join(CONFIGS)} (default: all; with --sweep: limit,service)")
+    p.add_argument("--sweep", action="store_true",
+                   help="the trained scorer over group sizes (G = 4, 8, 16) and principle-block lengths (~150, "
+                   "~600, ~1,200 tokens), one axis at a time: a table and a PNG of time per item and the ratio "
+                   "to the limit (see benchmarks/sweep.py)")
+    p.add_argument("--sweep-generations", default="4,8,16", help="--sweep: the group sizes G (at --prefix-tokens)")
+    p.add_argument("--sweep-prefix-tokens", default="150,600,1200",
+                   help="--sweep: the principle-block lengths (at --generations)")
+    p.add_argument("--sweep-png", default="benchmarks_sweep.png", help="--sweep: where the PNG goes")
     p.add_argument("--out", help="write the result JSON here")
     p.add_argument("--benchmarks-md", default="BENCHMARKS.md", help="append the markdown table here ('' skips)")
     p.add_argument("--timeout-s", type=float, default=1800.0, help="give up on a configuration after this long")
@@ -64,6 +73,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         raise UserError("--max-response-tokens must be at least --min-response-tokens")
     if args.threads is not None and args.threads < 1:
         raise UserError("--threads must be at least 1")
+    if args.configs is None:
+        args.configs = "limit,service" if args.sweep else ",".join(CONFIGS)
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     bad = [c for c in configs if c not in CONFIGS]
     if bad or not configs:
@@ -71,6 +82,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.configs = [c for c in CONFIGS if c in configs]
     if args.scorer != "trained" and (args.registry or args.version):
         raise UserError("--registry and --version choose the trained scorer's model; add --scorer trained")
+    if args.sweep and args.scorer != "trained":
+        raise UserError("--sweep measures the trained scorer; add --scorer trained")
+    for name in ("sweep_generations", "sweep_prefix_tokens"):
+        flag = "--" + name.replace("_", "-")
+        try:
+            values = [int(v) for v in getattr(args, name).split(",") if v.strip()]
+        except ValueError:
+            raise UserError(f"{flag}: a comma list of whole numbers, e.g. 4,8,16") from None
+        if not values or min(values) < 1:
+            raise UserError(f"{flag}: give at least one value, each at least 1")
+        setattr(args, name, values)
+    if args.sweep and not {"limit", "service"} <= set(args.configs):
+        raise UserError("--sweep reports the service against its limit: --configs must include limit and service")
     if args.version and not args.registry:
         raise UserError("--version needs --registry: the shipped reward model is served at its CURRENT version")
     return args
@@ -99,7 +123,6 @@ def resolve_trained(args: argparse.Namespace) -> str:
     return version if args.registry else SHIPPED_PREFIX + version
 
 
-
 def main(argv: list[str]) -> int:
     """`salmon bench`: ``argv[0]`` is the command name, as salmon_cli passes it."""
     args = parse_args(argv[1:])
@@ -107,6 +130,24 @@ def main(argv: list[str]) -> int:
     scorer_version = resolve_trained(args) if args.scorer == "trained" else None
     if args.model is None:
         args.model = "embedded"
+    if args.sweep:
+        from benchmarks.sweep import run_sweep
+
+        return run_sweep(args, argv, scorer_version)
+    report = run_once(args, argv, scorer_version)
+    print(table(report))
+    print(json.dumps({"ratios": report["summary"]["ratios"], "targets": report["summary"]["targets"]}, indent=2))
+    if args.out:
+        from salmon.atomic import atomic_write_json
+
+        atomic_write_json(args.out, report)
+    if args.benchmarks_md:
+        append_markdown(Path(args.benchmarks_md), markdown(report))
+    return 0
+
+
+def run_once(args: argparse.Namespace, argv: list[str], scorer_version: str | None) -> dict:
+    """One run of the configurations in ``args`` on its workload: the report (environment, workload, summary)."""
     from rm_core.render import Renderer
     from salmon.modeling import ModelSourceError, load_tokenizer
 
@@ -159,17 +200,8 @@ def main(argv: list[str]) -> int:
             results[config] = run_config(config, spec, spec_path, tmp)
             print(f"salmon bench:   {results[config]['wall_s']:.2f} s timed ({time.perf_counter() - t0:.0f} s "
                   "with start and warm-up)", file=sys.stderr, flush=True)
-    report = {"environment": env, "workload": wl_info, "summary": summarize(results, spec),
-              "load_average_end": [round(x, 2) for x in os.getloadavg()]}
-    print(table(report))
-    print(json.dumps({"ratios": report["summary"]["ratios"], "targets": report["summary"]["targets"]}, indent=2))
-    if args.out:
-        from salmon.atomic import atomic_write_json
-
-        atomic_write_json(args.out, report)
-    if args.benchmarks_md:
-        append_markdown(Path(args.benchmarks_md), markdown(report))
-    return 0
+    return {"environment": env, "workload": wl_info, "summary": summarize(results, spec),
+            "load_average_end": [round(x, 2) for x in os.getloadavg()]}
 
 
 if __name__ == "__main__":

@@ -82,3 +82,35 @@ def test_trained_flops_count_a_scalar_head_not_the_vocabulary():
     assert f["baseline"] == 2 * (9 * 288 + 16 * 45 + 9 * 8)
     with pytest.raises(ValueError):
         workload_flops(cfg, [[a]], value_head="vocab")
+
+
+def test_sweep_runs_each_point_once_and_writes_table_png_and_markdown(registry, tmp_path):
+    reg, version = registry
+    out, md, png = tmp_path / "sweep.json", tmp_path / "BENCH.md", tmp_path / "sweep.png"
+    argv = ["bench", "--scorer", "trained", "--registry", str(reg), "--sweep", "--sweep-generations", "2,3",
+            "--sweep-prefix-tokens", "60,100", "--generations", "2", "--prefix-tokens", "60", "--prompts", "1",
+            "--min-response-tokens", "4", "--max-response-tokens", "8", "--threads", "1",
+            "--out", str(out), "--benchmarks-md", str(md), "--sweep-png", str(png)]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    points = [(p["generations"], p["prefix_tokens"]) for p in result["points"]]
+    assert points == [(2, 60), (3, 60), (2, 100)]  # (2, 60) lies on both axes and runs once
+    assert result["points"][0]["axes"] == ["generations", "prefix_tokens"]
+    for p in result["points"]:
+        assert set(p["ms_per_item"]) == {"limit", "service"} and p["service_vs_limit_time"] > 0
+        assert p["max_abs_score_diff_vs_limit"] <= 1e-4
+    assert result["points"][2]["prefix_tokens_actual"] > result["points"][0]["prefix_tokens_actual"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = md.read_text()
+    assert f"`salmon bench --sweep` (trained {version}" in text and text.count("| G, block | 2 |") == 1
+
+
+def test_sweep_arguments_that_cannot_work_are_user_errors():
+    with pytest.raises(UserError):
+        parse_args(["--sweep"])  # the sweep is of the trained scorer
+    with pytest.raises(UserError):
+        parse_args(["--scorer", "trained", "--sweep", "--configs", "service"])
+    with pytest.raises(UserError):
+        parse_args(["--scorer", "trained", "--sweep", "--sweep-generations", "4,x"])
+    assert parse_args(["--scorer", "trained", "--sweep"]).configs == ["limit", "service"]
+    assert parse_args([]).configs == list(CONFIGS)

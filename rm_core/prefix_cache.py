@@ -12,9 +12,12 @@ Each entry stores the per-layer keys/values of ITS OWN tokens and the hidden sta
 last token (it predicts the first response token). A prompt entry points at its principle-block
 entry instead of holding a copy of the block: with a 621-token block (~29 MB of fp32 KV on the
 embedded model) a prompt entry costs only its prompt's few hundred KB, so the byte bound holds
-hundreds of prompts rather than a dozen. A block is never evicted while an entry built on it is
-cached (hits touch both; evicting a block takes its dependents with it), so the bytes counted are
-the bytes held. Entries are keyed by model version; a reload retires the old version's entries.
+hundreds of prompts rather than a dozen. The same holds between blocks: the contrastive scorer's
+per-principle variants of a block share every token before the toggled principle, so a variant
+entry points at the base block and holds only the tokens from the first one that differs (the
+block's entries form a prefix tree, ``LMScorer.block_entries``). An entry is never evicted while an
+entry built on it is cached (hits touch it and every ancestor; evicting an entry takes its
+dependents with it), so the bytes counted are the bytes held. Entries are keyed by model version; a reload retires the old version's entries.
 ``enabled=False`` (setting ``prefix_cache: false``) turns it off; ``attention`` is the service's
 ``prefix_attention`` setting, carried here for the scorers that use these entries and reported in
 :meth:`PrefixCache.stats`.
@@ -36,20 +39,25 @@ PrefixAttention = Literal["auto", "expanded"]
 
 @dataclass
 class PrefixEntry:
-    """One cached prefix: its own tokens' keys/values, built on ``parent`` (the principle block) or not."""
+    """One cached prefix: its own tokens' keys/values, built on the first ``parent_length`` tokens of
+    ``parent`` (a principle block, or for a variant block its base block) or on nothing."""
 
     kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer, [1, kv_heads, own tokens, head_dim]
     last_hidden: torch.Tensor  # [hidden]
-    length: int  # tokens of the whole prefix: the parent's and its own
+    length: int  # tokens of the whole prefix: the parent's that it uses and its own
     nbytes: int  # own tensors only
     parent: PrefixEntry | None = None
     parent_key: PrefixKey | None = None
+    parent_length: int | None = None  # how many of the parent's tokens precede its own; None: all
 
     def full_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per-layer keys/values of the whole prefix (a fresh tensor when there is a parent)."""
         if self.parent is None:
             return self.kv
-        return [(torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2))
+        used = self.length - self.kv[0][0].shape[2]
+        # A causal model's keys/values at a position depend only on the tokens before it, so the first
+        # ``used`` of the parent's are this prefix's own, whatever the parent has after them.
+        return [(torch.cat([pk[:, :, :used], k], dim=2), torch.cat([pv[:, :, :used], v], dim=2))
                 for (pk, pv), (k, v) in zip(self.parent.full_kv(), self.kv, strict=True)]
 
 
@@ -82,8 +90,10 @@ class PrefixCache:
             e = self._entries.get(k)
             if e is not None:
                 self._entries.move_to_end(k)
-                if e.parent_key in self._entries:  # the block stays at least as recent as its users
-                    self._entries.move_to_end(e.parent_key)
+                ancestor = e
+                while ancestor.parent_key in self._entries:  # blocks stay at least as recent as their users
+                    self._entries.move_to_end(ancestor.parent_key)
+                    ancestor = self._entries[ancestor.parent_key]
                 self.hits += 1
             else:
                 self.misses += 1

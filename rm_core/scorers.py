@@ -78,6 +78,15 @@ class Prepared:
         self.tokens = sum(len(s) for s in self.seqs)
 
 
+def _shared_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def _toggle(negated: frozenset[str], name: str) -> frozenset[str]:
     return negated - {name} if name in negated else negated | {name}
 
@@ -204,15 +213,17 @@ class LMScorer(Scorer):
 
     @torch.inference_mode()
     def extend_prefix(self, base: PrefixEntry | None, ids: tuple[int, ...],
-                      base_key: PrefixKey | None = None) -> PrefixEntry:
-        """Run ``ids`` (batch 1) after ``base``; the entry keeps only the new tokens' keys/values.
-        ``base_key`` is ``base``'s key in a :class:`PrefixCache`, for an entry that will be put there."""
+                      base_key: PrefixKey | None = None, base_length: int | None = None) -> PrefixEntry:
+        """Run ``ids`` (batch 1) after ``base`` (its first ``base_length`` tokens; default all of them);
+        the entry keeps only the new tokens' keys/values. ``base_key`` is ``base``'s key in a
+        :class:`PrefixCache`, for an entry that will be put there."""
         from transformers import DynamicCache
 
         decoder = self.decoder
-        start = base.length if base else 0
+        start = (base.length if base_length is None else base_length) if base else 0
         x = torch.tensor([ids], dtype=torch.long, device=self.device)
-        cache = DynamicCache(ddp_cache_data=base.full_kv() if base else None, config=self.model.config)
+        base_kv = [(k[:, :, :start], v[:, :, :start]) for k, v in base.full_kv()] if base else None
+        cache = DynamicCache(ddp_cache_data=base_kv, config=self.model.config)
         mask = torch.ones((1, start + len(ids)), dtype=torch.long, device=self.device)
         pos = torch.arange(start, start + len(ids), device=self.device)[None]
         out = decoder(input_ids=x, attention_mask=mask, position_ids=pos, use_cache=True,
@@ -222,7 +233,8 @@ class LMScorer(Scorer):
               for layer in returned_kv_cache(out).layers]
         last = out.last_hidden_state[0, -1].clone()
         nbytes = sum(k.nbytes + v.nbytes for k, v in kv) + last.nbytes
-        return PrefixEntry(kv, last, start + len(ids), nbytes, parent=base, parent_key=base_key)
+        return PrefixEntry(kv, last, start + len(ids), nbytes, parent=base, parent_key=base_key,
+                           parent_length=start if base else None)
 
     def suffix_hidden_states(self, prefix_kv: list[tuple[torch.Tensor, torch.Tensor]], ids: torch.Tensor,
                              suffix_mask: torch.Tensor, cascade: bool) -> torch.Tensor:
@@ -235,18 +247,52 @@ class LMScorer(Scorer):
         return expanded_prefix_forward(self.decoder, prefix_kv, ids, suffix_mask,
                                        config=self.model.config).last_hidden_state
 
-    def _cached_prefix(self, cache: PrefixCache, system: tuple[int, ...], prompt: tuple[int, ...]
-                       ) -> tuple[PrefixEntry, int]:
-        """The (system + prompt) entry, and how many of its tokens came from ``cache``."""
+    def block_entries(self, cache: PrefixCache, systems: Sequence[tuple[int, ...]]
+                      ) -> dict[tuple[int, ...], tuple[PrefixEntry, int]]:
+        """Each principle block of ``systems`` (in order) as a cache entry, and how many of its tokens
+        were reused rather than run.
+
+        Blocks of one call are variants of one another (the contrastive scorer's k+1 blocks toggle one
+        principle each, and the first is the base): a block that is not cached hangs from the block
+        of this call that shares the longest token prefix with it, if that one is a whole block (not
+        a variant itself, so chains stay two deep), and runs only the tokens after the shared ones.
+        The k+1 blocks then cost the tree's unique tokens, in time and in cache bytes, instead of k+1
+        whole blocks.
+        """
+        v = self.version
+        out: dict[tuple[int, ...], tuple[PrefixEntry, int]] = {}
+        for system in systems:
+            if system in out:
+                continue
+            entry = cache.get(v, system)
+            if entry is not None:
+                out[system] = (entry, entry.length)
+                continue
+            parent, shared = None, 0
+            for other, (e, _) in out.items():
+                if e.parent is None:
+                    n = _shared_prefix_length(other, system)
+                    if n > shared:
+                        parent, shared = other, n
+            shared = min(shared, len(system) - 1)  # a block runs at least one token: its last hidden state
+            if parent is None or shared < 1:
+                entry, reused = self.extend_prefix(None, system), 0
+            else:
+                entry = self.extend_prefix(out[parent][0], system[shared:], prefix_key(v, parent), shared)
+                reused = shared
+            cache.put(v, system, entry)
+            out[system] = (entry, reused)
+        return out
+
+    def _cached_prefix(self, cache: PrefixCache, system: tuple[int, ...], prompt: tuple[int, ...],
+                       block: tuple[PrefixEntry, int] | None = None) -> tuple[PrefixEntry, int]:
+        """The (system + prompt) entry, and how many of its tokens came from ``cache`` (``block``: the
+        system's entry from :meth:`block_entries`, when the caller has it)."""
         v = self.version
         full = cache.get(v, system + prompt)
         if full is not None:
             return full, full.length
-        sys_entry = cache.get(v, system)
-        cached = sys_entry.length if sys_entry else 0
-        if sys_entry is None:
-            sys_entry = self.extend_prefix(None, system)
-            cache.put(v, system, sys_entry)
+        sys_entry, cached = block if block is not None else self.block_entries(cache, [system])[system]
         entry = self.extend_prefix(sys_entry, prompt, prefix_key(v, system)) if prompt else sys_entry
         cache.put(v, system + prompt, entry)
         return entry, cached
@@ -265,8 +311,10 @@ class LMScorer(Scorer):
         out = [0.0] * len(seqs)
         cached = [0] * len(seqs)
         cascade = self.uses_cascade(cache.attention)
+        # Every block of the call at once, so that variant blocks hang from their base.
+        blocks = self.block_entries(cache, [system for system, _ in groups])
         for (system, prompt), idx in groups.items():
-            entry, hit = self._cached_prefix(cache, system, prompt)
+            entry, hit = self._cached_prefix(cache, system, prompt, blocks[system])
             # Within a group only the first sequence pays for the prefix; the rest reuse it.
             for n, i in enumerate(idx):
                 cached[i] = hit if n == 0 else entry.length

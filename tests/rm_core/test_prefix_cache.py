@@ -85,7 +85,8 @@ def test_prompt_entries_hold_only_their_own_tokens(scorer):
     prompts = [e for e in entries if e.parent is not None]
     assert blocks and prompts
     for e in prompts:
-        own = e.length - e.parent.length
+        own = e.length - e.parent_length  # what it adds to the parent's tokens it uses (a variant block: fewer than all)
+        assert 0 < e.parent_length <= e.parent.length
         assert all(k.shape[2] == own and v.shape[2] == own for k, v in e.kv)
         assert all(k.shape[2] == e.length for k, _ in e.full_kv())
     _consistent(cache)

@@ -257,7 +257,8 @@ class LMScorer(Scorer):
         of this call that shares the longest token prefix with it, if that one is a whole block (not
         a variant itself, so chains stay two deep), and runs only the tokens after the shared ones.
         The k+1 blocks then cost the tree's unique tokens, in time and in cache bytes, instead of k+1
-        whole blocks.
+        whole blocks. (Blocks of unrelated sets in one call share only the header; one hung from
+        another keeps that other cached for as long as it is itself: the cache evicts no parent first.)
         """
         v = self.version
         out: dict[tuple[int, ...], tuple[PrefixEntry, int]] = {}

@@ -125,6 +125,9 @@ class TrainConfig(_Strict):
     mixed_precision: Literal["no", "bf16"] = Field(
         default="no", description="bf16 autocast over fp32 weights (faster on CPUs with AVX512-BF16 or AMX).")
     learning_rate: float = Field(default=2e-4, gt=0)
+    sampling: Literal["random", "sequential"] = Field(
+        default="random", description="Training order: shuffled, or the dataset's own (rm-pretrain keeps the two "
+        "halves of each minimal pair in one batch).")
     epochs: float = Field(default=1.0, gt=0)
     batch_size: int = Field(default=8, ge=1)
     grad_accum: int = Field(default=1, ge=1)

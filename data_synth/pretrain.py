@@ -121,6 +121,9 @@ def build_rows(axes: Sequence[Axis], *, distractor_pool: Sequence[Axis], distrac
 
     ``variants_per_pair`` draws that many of ``variants`` for each written pair (None: all), which
     spreads a fixed compute budget over every pair and axis instead of every variant of fewer pairs.
+    The minimal pairs are shuffled, but the two halves of each stay adjacent: trained in order (even
+    batch size), they share a batch, so their gradients' main effects (a fixed taste for one
+    response) cancel inside the step and what is left is the principle x response interaction.
 
     Distractors come from ``distractor_pool`` axes of other families than the pair's own (so the two
     responses are unlikely to differ on them); in the ``set`` variant a distractor is itself negated
@@ -130,7 +133,7 @@ def build_rows(axes: Sequence[Axis], *, distractor_pool: Sequence[Axis], distrac
     if unknown:
         raise UserError(f"unknown pretraining variants {unknown}; choose from {list(VARIANTS)}")
     rng = random.Random(seed)
-    rows: list[dict[str, Any]] = []
+    groups: list[list[dict[str, Any]]] = []  # the two halves of one minimal pair stay adjacent
     for ax in axes:
         p = ax.principle
         others = [o for o in distractor_pool if o.family != ax.family and o.name != ax.name]
@@ -139,22 +142,22 @@ def build_rows(axes: Sequence[Axis], *, distractor_pool: Sequence[Axis], distrac
             chosen = set(rng.sample(list(variants), variants_per_pair)
                          if variants_per_pair and variants_per_pair < len(variants) else variants)
             if "single" in chosen:
-                rows.append(_row(pair.prompt, f, v, [p], [], p.name, ax.name, "single"))
-                rows.append(_row(pair.prompt, v, f, [p], [p.name], p.name, ax.name, "single"))
+                groups.append([_row(pair.prompt, f, v, [p], [], p.name, ax.name, "single"),
+                               _row(pair.prompt, v, f, [p], [p.name], p.name, ax.name, "single")])
             if "set" in chosen and len(others) >= distractors:
                 ds = [o.principle for o in rng.sample(others, distractors)]
                 members = [p, *ds]
                 rng.shuffle(members)
                 neg_ds = [d.name for d in ds if rng.random() < 0.25]
-                rows.append(_row(pair.prompt, f, v, members, neg_ds, p.name, ax.name, "set"))
-                rows.append(_row(pair.prompt, v, f, members, [*neg_ds, p.name], p.name, ax.name, "set"))
+                groups.append([_row(pair.prompt, f, v, members, neg_ds, p.name, ax.name, "set"),
+                               _row(pair.prompt, v, f, members, [*neg_ds, p.name], p.name, ax.name, "set")])
             if "plain" in chosen:
-                rows.append(_row(pair.prompt, f, v, [Principle(name="p1", definition=ax.plain)], [], "p1",
-                                 ax.name, "plain"))
-                rows.append(_row(pair.prompt, v, f, [Principle(name="p1", definition=ax.opposite)], [], "p1",
-                                 ax.name, "plain"))
-    rng.shuffle(rows)
-    return rows
+                groups.append([
+                    _row(pair.prompt, f, v, [Principle(name="p1", definition=ax.plain)], [], "p1", ax.name, "plain"),
+                    _row(pair.prompt, v, f, [Principle(name="p1", definition=ax.opposite)], [], "p1", ax.name,
+                         "plain")])
+    rng.shuffle(groups)
+    return [r for g in groups for r in g]
 
 
 class PretrainConfig(_Strict):
@@ -173,8 +176,8 @@ class PretrainConfig(_Strict):
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(
         registry=Path("runs/rm-pretrain/registry"), lora_r=16, lora_alpha=32,
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        lora_layers=8, learning_rate=3e-4, epochs=1.0, batch_size=8, grad_accum=2, max_length=384,
-        mixed_precision="bf16", seed=0))
+        lora_layers=8, learning_rate=1e-3, epochs=1.0, batch_size=8, grad_accum=2, max_length=384,
+        mixed_precision="bf16", sampling="sequential", seed=0))
 
 
 def heldout_flip_pairs(axes: Sequence[Axis], per_axis: int) -> list[dict[str, Any]]:

@@ -216,7 +216,7 @@ def train_reward_model(train_path: str | Path, eval_path: str | Path | None, cfg
             logging_steps=max(1, len(rendered) // (cfg.batch_size * 5)), save_strategy="no",
             report_to="none", seed=cfg.seed, data_seed=cfg.seed, use_cpu=on_cpu,
             max_length=None,  # already filtered above with the same limit: nothing is truncated
-            dataloader_num_workers=0, disable_tqdm=False,
+            dataloader_num_workers=0, disable_tqdm=False, train_sampling_strategy=cfg.sampling,
             # TRL defaults to bf16 autocast and gradient checkpointing (GPU memory savers). On CPU bf16
             # autocast is slower and makes the trained model's outputs differ from the served fp32 ones;
             # checkpointing recomputes activations a 135M model does not need to drop.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -68,10 +69,17 @@ def run_cli_no_bind(args: list[str], env: dict | None = None, timeout: float = 1
 
 
 class ServeProcess:
-    """`salmon serve --config cfg.yaml` as a child process on 127.0.0.1 (its RSS is the server's alone)."""
+    """`salmon serve --config cfg.yaml` as a child process on 127.0.0.1 (its RSS is the server's alone).
 
-    def __init__(self, tmp: Path, settings: dict, env: dict | None = None):
-        self.port = free_port()
+    On ``port`` (a free one if None); ready when ``ready_path`` answers 200. ``kill()`` SIGKILLs it the
+    way an OOM killer or a lost node does; a new ServeProcess on the same port is an orchestrator's restart.
+    """
+
+    def __init__(self, tmp: Path, settings: dict, env: dict | None = None, port: int | None = None,
+                 ready_path: str = "/readyz"):
+        self.port = port or free_port()
+        self.ready_path = ready_path
+        self.started_at = self.ready_at = 0.0
         self.cfg = tmp / f"serve-{self.port}.yaml"
         self.cfg.write_text(yaml.safe_dump({"host": "127.0.0.1", **settings}))
         self.log = tmp / f"serve-{self.port}.log"
@@ -84,6 +92,7 @@ class ServeProcess:
 
     def __enter__(self) -> ServeProcess:
         self._logf = open(self.log, "w")  # noqa: SIM115 - closed in __exit__
+        self.started_at = time.monotonic()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "salmon_cli", "serve", "--config", str(self.cfg), "--port", str(self.port),
              "--log-level", "warning"], stdout=self._logf, stderr=subprocess.STDOUT, cwd=REPO, env=self.env)
@@ -92,13 +101,22 @@ class ServeProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"salmon serve exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
             try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                if httpx.get(self.url + self.ready_path, timeout=2).status_code == 200:
+                    self.ready_at = time.monotonic()
                     return self
             except httpx.HTTPError:
                 pass
-            time.sleep(0.1)
+            time.sleep(0.05)
         self.__exit__()
         raise TimeoutError(f"salmon serve not ready: {self.log.read_text()[-2000:]}")
+
+    def kill(self) -> float:
+        """SIGKILL, no shutdown of any kind; returns when the process is gone (monotonic time of the kill)."""
+        assert self.proc is not None and self.proc.poll() is None
+        t = time.monotonic()
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+        return t
 
     def rss_mb(self) -> float:
         import psutil

@@ -10,65 +10,17 @@ the service's own responses without putting anything inside the service.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
 
-from tests.reliability.helpers import ServeProcess
+from tests.reliability.helpers import ServeProcess as Serve  # noqa: F401 - the tests' name for it
 
 RULE_PATTERN, RULE_PENALTY = r"[aeiou]", 0.01
 RULE_SETTINGS = {"scorer": "rule", "rule_pattern": RULE_PATTERN, "rule_length_penalty": RULE_PENALTY,
                  "default_principle_set": "concise", "watch_registry": False}
-
-
-class Serve(ServeProcess):
-    """`salmon serve` on ``port`` (a free one if None); ready when ``ready_path`` answers 200."""
-
-    def __init__(self, tmp: Path, settings: dict, port: int | None = None, ready_path: str = "/readyz",
-                 env: dict | None = None):
-        super().__init__(tmp, settings, env=env)
-        if port is not None:
-            self.port = port
-        self.ready_path = ready_path
-        self.started_at = self.ready_at = 0.0
-
-    def __enter__(self) -> Serve:
-        import subprocess
-        import sys
-
-        from tests.reliability.helpers import REPO
-
-        self._logf = open(self.log, "w")  # noqa: SIM115 - closed in __exit__
-        self.started_at = time.monotonic()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "salmon_cli", "serve", "--config", str(self.cfg), "--port", str(self.port),
-             "--log-level", "warning"], stdout=self._logf, stderr=subprocess.STDOUT, cwd=REPO, env=self.env)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"salmon serve exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
-            try:
-                if httpx.get(self.url + self.ready_path, timeout=2).status_code == 200:
-                    self.ready_at = time.monotonic()
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        self.__exit__()
-        raise TimeoutError(f"salmon serve not ready: {self.log.read_text()[-2000:]}")
-
-    def kill(self) -> float:
-        """SIGKILL, no shutdown of any kind; returns when the process is gone (monotonic time of the kill)."""
-        assert self.proc is not None and self.proc.poll() is None
-        t = time.monotonic()
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=10)
-        return t
 
 
 class Wire(httpx.AsyncHTTPTransport):

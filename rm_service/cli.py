@@ -7,7 +7,6 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import get_args
 
 from pydantic import ValidationError
 
@@ -16,10 +15,10 @@ from salmon.errors import UserError
 
 
 def _settings_args(p: argparse.ArgumentParser) -> None:
-    from rm_service.settings import ScorerKind
+    from rm_core.scorer_table import scorer_choices
 
     p.add_argument("--config", help="YAML file of service settings (see rm_service/settings.py)")
-    p.add_argument("--scorer", choices=get_args(ScorerKind))
+    p.add_argument("--scorer", choices=scorer_choices())
     p.add_argument("--model", help="causal LM for zero-shot scorers: 'embedded', a .gguf, or a local HF dir")
     p.add_argument("--registry", help="reward-model registry directory")
     p.add_argument("--principle-set", dest="default_principle_set", help="default principle set (name or YAML)")

@@ -22,9 +22,10 @@ from principles.schema import (
     parse_principle_set,
 )
 from rm_core.prefix_cache import PrefixCache
-from rm_core.registry import Registry, RegistryError, shipped_version
+from rm_core.registry import Registry, RegistryError
 from rm_core.render import PROMPT_FORMAT_VERSION, RenderError
-from rm_core.scorers import Prepared, RuleScorer, Scorer, load_shipped, load_trained, load_zero_shot
+from rm_core.scorer_table import ScorerOptions, build_scorer, resolve_kind
+from rm_core.scorers import Prepared, Scorer
 from rm_service.batcher import Batcher
 from rm_service.errors import Conflict, InvalidRequest, NotFound, NotReady, PayloadTooLarge, ScoringFailed
 from rm_service.metrics import Metrics
@@ -155,13 +156,7 @@ class ModelManager:
 
     def _kind(self) -> str:
         s = self.settings
-        if s.scorer != "auto":
-            return s.scorer
-        if s.registry is not None and Registry(s.registry).current():
-            return "trained"
-        if shipped_version(s.model):
-            return "shipped"
-        return "contrastive"
+        return resolve_kind(s.scorer, s.model, s.registry)
 
     def _common(self) -> dict:
         s = self.settings
@@ -170,18 +165,11 @@ class ModelManager:
 
     def build(self, version: str | None = None) -> Scorer:
         s = self.settings
-        kind = "trained" if version else self._kind()
-        if kind == "rule":
-            return RuleScorer(s.rule_pattern, s.rule_length_penalty)
-        if kind == "shipped":
-            return load_shipped(self.options, **self._common())
-        if kind == "trained":
-            if s.registry is None:
-                raise RegistryError("no registry is configured; start the service with --registry DIR")
-            return load_trained(s.registry, version, self.options, **self._common())
-        if kind == "contrastive":
-            return load_zero_shot("contrastive", s.model, self.options, contrast=s.contrast, **self._common())
-        return load_zero_shot("probe", s.model, self.options, **self._common())
+        kind = "trained" if version else self._kind()  # a named version is always a registry version
+        opts = ScorerOptions(model=s.model, options=self.options, registry=s.registry, version=version,
+                             contrast=s.contrast, rule_pattern=s.rule_pattern,
+                             rule_length_penalty=s.rule_length_penalty)
+        return build_scorer(kind, opts, self._common())
 
     def load_initial(self) -> None:
         t0 = time.perf_counter()

@@ -8,26 +8,24 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-# The one list of scorer kinds: `salmon serve/score --scorer` take their choices from it.
-ScorerKind = Literal["auto", "shipped", "contrastive", "probe", "trained", "rule"]
+from rm_core.scorer_table import describe, get_spec, scorer_choices
 
 
 class ServiceSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SALMON_", extra="forbid")
 
     # -- what scores ---------------------------------------------------------------------------
-    scorer: ScorerKind = Field(
+    # The scorer table (rm_core.scorer_table) is the one list of kinds: this field, `salmon serve/score
+    # --scorer` and ModelManager.build all read it, at validation time, so a kind registered later counts.
+    scorer: str = Field(
         default="auto",
-        description="auto: the registry's CURRENT version if a registry is given and has one, else the "
-        "shipped RM when the model is its base (embedded), else contrastive. shipped: the principle-following "
-        "RM that ships with salmon (one pass, reads plain principles). contrastive: zero-shot log p(y|x,P) - log p(y|x,P with each principle negated). "
-        "probe: zero-shot yes/no log-odds. trained: a registry version (needs registry). "
-        "rule: regex count minus length penalty, no model (smoke runs and rule-based rewards).",
+        description=describe() + " A kind registered in rm_core.scorer_table at run time is accepted too.",
     )
     model: str = Field(default="embedded", description="Causal LM for zero-shot scorers: 'embedded', a .gguf, or a local HF dir.")
     registry: Path | None = Field(default=None, description="Reward-model registry directory (CURRENT + versions).")
@@ -80,6 +78,16 @@ class ServiceSettings(BaseSettings):
     admin_key: SecretStr | None = Field(default=None, description="Bearer key for set writes and reload (SALMON_ADMIN_KEY).")
     insecure: bool = Field(default=False, description="Allow a non-loopback bind without an API key.")
 
+    @field_validator("scorer", mode="before")
+    @classmethod
+    def _registered_scorer(cls, v: Any) -> Any:
+        choices = scorer_choices()
+        if v not in choices:
+            # The same error a Literal of the choices gives, so a bad value reads as it always has.
+            expected = ", ".join(map(repr, choices[:-1])) + f" or {choices[-1]!r}" if len(choices) > 1 else repr(choices[0])
+            raise PydanticCustomError("literal_error", "Input should be {expected}", {"expected": expected})
+        return v
+
     @field_validator("api_key", "admin_key", mode="before")
     @classmethod
     def _empty_key_is_none(cls, v):
@@ -88,8 +96,8 @@ class ServiceSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> ServiceSettings:
-        if self.scorer == "trained" and self.registry is None:
-            raise ValueError("scorer 'trained' needs 'registry' (a registry directory)")
+        if self.scorer != "auto" and get_spec(self.scorer).needs_registry and self.registry is None:
+            raise ValueError(f"scorer {self.scorer!r} needs 'registry' (a registry directory)")
         return self
 
     @property

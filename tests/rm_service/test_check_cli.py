@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import get_args
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -24,14 +23,14 @@ def test_unknown_check_scorer_is_one_line_listing_the_valid_ones():
     assert lines[0].endswith(", ".join(check_variants())) and "probe" in check_variants()
 
 
-def test_the_scorer_flag_offers_the_settings_scorer_kinds():
+def test_the_scorer_flag_offers_the_scorer_table():
     import argparse
 
+    from rm_core.scorer_table import scorer_choices
     from rm_service.cli import _settings_args
-    from rm_service.settings import ScorerKind
 
     p = argparse.ArgumentParser()
     _settings_args(p)
     (flag,) = [a for a in p._actions if a.dest == "scorer"]
-    assert list(flag.choices) == list(get_args(ScorerKind))
-    assert {"auto", "contrastive", "probe", "trained", "rule"} <= set(flag.choices)
+    assert list(flag.choices) == scorer_choices()
+    assert list(flag.choices) == ["auto", "shipped", "contrastive", "probe", "trained", "rule"]

@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import httpx
 
@@ -45,7 +45,7 @@ HEADLINE_STEPS = 3  # the reward headline compares the mean of this many first a
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     from policy_trainer.methods import method_names  # the method table: every registered method
-    from rm_service.settings import ScorerKind
+    from rm_core.scorer_table import scorer_choices  # the scorer table: every registered kind
 
     p = argparse.ArgumentParser(prog="salmon demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", help="run directory (default runs/demo-<timestamp>)")
@@ -66,7 +66,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     # No KL term: in a ten-step run it would barely bind, and beta 0 skips the reference forward pass.
     p.add_argument("--beta", type=float, default=0.0, help="KL-to-reference coefficient")
     p.add_argument("--heldout-prompts", type=int, default=8, help="held-out prompts the final policies answer")
-    p.add_argument("--scorer", choices=get_args(ScorerKind), default="auto",
+    p.add_argument("--scorer", choices=scorer_choices(), default="auto",
                    help="the service's scorer (rule: no model, for smoke runs)")
     p.add_argument("--port", type=int, default=0, help="service port (0: a free one)")
     args = p.parse_args(argv)

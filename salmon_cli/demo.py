@@ -50,9 +50,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="salmon demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", help="run directory (default runs/demo-<timestamp>)")
     p.add_argument("--model", default="embedded", help="policy, judge and reward-model backbone")
-    p.add_argument("--synth-prompts", "--prompts", dest="synth_prompts", type=int, default=8,
-                   help="prompts for the synthetic preferences that fine-tune the RM (0: skip that stage "
-                        "and serve the shipped RM as it is)")
+    p.add_argument("--synth-prompts", "--prompts", dest="synth_prompts", type=int, default=None,
+                   help="prompts for the synthetic preferences that fine-tune the RM (0: skip that stage and "
+                        "serve what the service started with; default 8 when salmon ships an RM for the model "
+                        "to fine-tune, else 0)")
     p.add_argument("--principle-set", default="concise", help="principle set of the first RL run")
     p.add_argument("--opposite-set", default="detailed", help="principle set of the second RL run")
     p.add_argument("--algorithm", choices=method_names(), default="grpo")
@@ -73,6 +74,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for name in ("steps", "generations", "prompts_per_step", "max_completion_length", "heldout_prompts"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.synth_prompts is None:
+        from rm_core.registry import shipped_version
+
+        # A fresh LoRA on a few demo prompts reads no principles (flip rate 0 on held-out pairs), while
+        # the zero-shot contrastive scorer does: without a shipped RM to fine-tune, RL keeps the latter.
+        args.synth_prompts = 8 if shipped_version(args.model) else 0
     if args.synth_prompts < 0:
         p.error("--synth-prompts must be 0 (skip) or more")
     if args.generations < 2:
@@ -445,7 +452,8 @@ def main(argv: list[str]) -> int:
         if args.synth_prompts:
             print(f"[2/5] synthetic preferences on {args.synth_prompts} prompts → reward model", flush=True)
         else:
-            print("[2/5] --synth-prompts 0: serving the reward model the service started with", flush=True)
+            print("[2/5] no synthetic-preference stage (--synth-prompts 0; salmon ships no RM for this model "
+                  "to fine-tune): serving the scorer the service started with", flush=True)
         rm = build_reward_model(args, run_dir, registry, url)
         timings["synth_and_rm_train_s"] = round(time.monotonic() - t, 1)
         print(f"      the service scores with {rm['version']} ({rm['scorer']})", flush=True)

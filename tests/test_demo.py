@@ -28,7 +28,11 @@ def test_defaults_steer_one_policy_two_ways():
     args = demo.parse_args([])
     assert (args.principle_set, args.opposite_set) == ("concise", "detailed")
     assert args.max_completion_length == 128 and args.scorer == "auto" and args.model == "embedded"
-    assert args.synth_prompts > 0 and args.steps >= 10 and args.heldout_prompts == 8
+    assert args.steps >= 10 and args.heldout_prompts == 8
+    # The synthetic-preference stage fine-tunes a shipped RM; with none shipped it is skipped by default.
+    from rm_core.registry import shipped_version
+
+    assert args.synth_prompts == (8 if shipped_version("embedded") else 0)
     # --prompts (the demo's earlier name for the synthetic-preference prompts) still works
     assert demo.parse_args(["--prompts", "3"]).synth_prompts == 3
     assert demo.parse_args(["--synth-prompts", "0"]).synth_prompts == 0
@@ -58,7 +62,7 @@ def test_heldout_prompts_are_seen_by_neither_rl_nor_the_rm(tmp_path):
     assert {r["type"] for r in rl_rows + heldout_rows} == {"general"}
     held_ids = {r["id"] for r in heldout_rows}
     assert not held_ids & {r["id"] for r in rl_rows}
-    synth_ids = {r["id"] for r in load_prompts(None, limit=demo.parse_args([]).synth_prompts)}
+    synth_ids = {r["id"] for r in load_prompts(None, limit=demo.parse_args(["--synth-prompts", "8"]).synth_prompts)}
     assert not held_ids & synth_ids
     with pytest.raises(UserError, match="general prompts"):
         demo.split_prompts(tmp_path, 10_000)

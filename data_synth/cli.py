@@ -121,6 +121,12 @@ def _rm_pretrain(args, argv: list[str]) -> int:
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"registry": registry})})
     report = run_pretrain(cfg, command=" ".join(["salmon", *argv]))
     if args.ship:
+        # Shipping replaces what every `scorer: auto` service serves: only an RM that reads principles.
+        single = report["metrics"].get("held_out_axes", {}).get("single", {}).get("flip_rate")
+        if single is None or single < cfg.ship_min_flip:
+            raise UserError(f"not shipped: held-out single-principle flip rate {single} is below "
+                            f"ship_min_flip={cfg.ship_min_flip}; the run's version is {report['version']} "
+                            f"in {registry} (the shipped RM is unchanged)")
         report["shipped"] = str(ship(registry, report["version"]))
     _print(report)
     return 0

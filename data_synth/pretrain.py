@@ -172,6 +172,8 @@ class PretrainConfig(_Strict):
     seed: int = 0
     out: Path = Field(default=Path("runs/rm-pretrain"), description="Datasets and the report.")
     eval_pairs_per_axis: int = Field(default=3, ge=1, description="Held-out pairs per held-out axis in the manifest's table.")
+    ship_min_flip: float = Field(default=0.5, ge=0, le=1,
+                                 description="--ship refuses a result whose held-out single flip rate is lower.")
     max_train_pairs: int | None = Field(default=None, ge=1, description="Train on the first N built pairs (smoke runs).")
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(
         registry=Path("runs/rm-pretrain/registry"), lora_r=16, lora_alpha=32,

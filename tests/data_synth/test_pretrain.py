@@ -351,3 +351,30 @@ def test_principle_objects_in_rows_round_trip():
     for r in rows:
         for p in r["principles"]:
             Principle.model_validate(p)
+
+
+@pytest.mark.parametrize("flip", [0.0, 0.49, None])
+def test_ship_refuses_an_rm_that_does_not_read_its_principles(tmp_path, monkeypatch, flip):
+    """`salmon rm-pretrain --ship` replaces what every scorer-auto service serves: below the floor it
+    is one line, exit 2, and ship() is never called."""
+    from data_synth import pretrain
+    from salmon_cli.main import main
+
+    metrics = {"held_out_axes": {"single": {"flip_rate": flip}}} if flip is not None else {}
+    monkeypatch.setattr(pretrain, "run_pretrain", lambda cfg, command=None: {"version": "v0001", "metrics": metrics})
+    shipped = []
+    monkeypatch.setattr(pretrain, "ship", lambda *a, **k: shipped.append(a))
+    assert main(["rm-pretrain", "--out", str(tmp_path), "--ship"]) == 2
+    assert shipped == []
+
+
+def test_ship_goes_ahead_at_the_floor(tmp_path, monkeypatch, capsys):
+    from data_synth import pretrain
+    from salmon_cli.main import main
+
+    report = {"version": "v0001", "metrics": {"held_out_axes": {"single": {"flip_rate": 0.5}}}}
+    monkeypatch.setattr(pretrain, "run_pretrain", lambda cfg, command=None: dict(report))
+    shipped = []
+    monkeypatch.setattr(pretrain, "ship", lambda registry, version: shipped.append((registry, version)) or "x")
+    assert main(["rm-pretrain", "--out", str(tmp_path), "--ship"]) == 0
+    assert shipped == [(tmp_path / "registry", "v0001")]

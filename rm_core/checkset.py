@@ -92,17 +92,18 @@ def run_check(model: str, path: Path, scorers: list[str], registry: str | None =
     modes = tuple(modes or FLIP_MODES)
     t0 = time.perf_counter()
     tables: dict[str, dict] = {}
-    zero = None
+    zero = None  # the contrastive scorer and the probe share one loaded causal LM
     for kind in scorers:
         t1 = time.perf_counter()
+        if kind in {"contrastive", "probe"} and zero is None:
+            zero = load_zero_shot("contrastive", model)
         if kind == "shipped":
             scorer = load_shipped()
         elif kind == "trained":
             scorer = load_trained(registry)
-        elif kind == "contrastive" or zero is None:
-            zero = load_zero_shot("contrastive", model)
+        elif kind == "contrastive":
             scorer = zero
-        if kind == "probe":
+        else:
             scorer = ProbeScorer(zero.model, zero.tokenizer, version="probe", base_model=model)
         tables[kind] = {"version": scorer.version,
                         **flip_table(scorer_score_fn(scorer), pairs, seed=seed, modes=modes, desc=kind),

@@ -7,13 +7,16 @@ Public API (imported lazily, so `salmon train --help` does not load torch)::
     result = run_training(load_run_config("run.yaml"))   # -> RunResult
     result.summary["reward_wait_share"], result.report_png, result.rollouts_dir
 
+    from policy_trainer import reward_funcs              # TRL: salmon's rewards in your own trainer
+    GRPOTrainer(..., reward_funcs=reward_funcs(url="http://127.0.0.1:8000", principle_set="concise"))
+
 ``run_training`` raises ``salmon.errors.UserError`` for bad input and ``TrainingAborted`` (with
 ``.checkpoint``) when the reward service stays unreachable past the retry budget.
 
 The training methods are one table, policy_trainer.methods (one module per method: grpo and rloo
 hold only the TRL wiring, ppo the wiring of our PPO in ppo/ppo_math/ppo_config); config, CLI and
 demo read their names from it. Parts shared by the methods: config, train (the runner),
-reward_service (set up only for a method that uses it: rm_client, the one HTTP client;
+reward_service (set up only for a method that uses it, through salmon_client, the one HTTP client;
 principles_select, RL-time selection + set timeline; shaping; rewards, the reward callables;
 rollouts, shards for on-policy RM retraining), report.
 """
@@ -28,8 +31,7 @@ _EXPORTS = {
     "run_training": "policy_trainer.train",
     "RunResult": "policy_trainer.train",
     "TrainingAborted": "policy_trainer.reward_service",
-    "RewardClient": "policy_trainer.rm_client",
-    "RewardServiceError": "policy_trainer.rm_client",
+    "reward_funcs": "policy_trainer.reward_service",
 }
 
 __all__ = list(_EXPORTS)

@@ -9,7 +9,6 @@ callables a trainer calls (policy_trainer.rewards): the service's score and SALM
 from __future__ import annotations
 
 import asyncio
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,11 +16,11 @@ from typing import Any
 from policy_trainer.config import RunConfig
 from policy_trainer.principles_select import PrincipleSelector, SetTimeline
 from policy_trainer.rewards import ServiceReward, ShapingReward
-from policy_trainer.rm_client import RetryPolicy, RewardClient, RewardServiceError
 from policy_trainer.rollouts import RolloutWriter
 from policy_trainer.shaping import RunningNormalizer
 from principles.schema import NAME_RE, PrincipleSet, PrincipleSetError, load_principle_set
 from salmon.errors import Unavailable, UserError
+from salmon_client.client import AsyncSalmonClient, RetryPolicy, RewardServiceError
 
 
 class TrainingAborted(Unavailable):
@@ -32,20 +31,19 @@ class TrainingAborted(Unavailable):
         self.url, self.checkpoint, self.global_step = url, checkpoint, global_step
 
 
-def make_client(cfg: RunConfig, render_query=None) -> RewardClient:
+def make_client(cfg: RunConfig, render_query=None) -> AsyncSalmonClient:
     r = cfg.reward
-    return RewardClient(
-        r.url, protocol=r.protocol, api_key=os.environ.get(r.api_key_env) or None,
-        admin_key=os.environ.get(r.admin_key_env) or None, connect_timeout_s=r.connect_timeout_s,
-        read_timeout_s=r.read_timeout_s, max_connections=r.max_connections,
+    return AsyncSalmonClient(
+        r.url, protocol=r.protocol, api_key_env=r.api_key_env, admin_key_env=r.admin_key_env,
+        connect_timeout_s=r.connect_timeout_s, read_timeout_s=r.read_timeout_s, max_connections=r.max_connections,
         max_concurrent_requests=r.max_concurrent_requests, max_items=r.max_items_per_request,
-        retry=RetryPolicy.from_config(r.retry), render_query=render_query)
+        retry=RetryPolicy(**r.retry.model_dump()), render_query=render_query)
 
 
 class SetResolver:
     """Set source (shipped name, YAML path, or a name registered on the service) -> registered set."""
 
-    def __init__(self, cfg: RunConfig, client: RewardClient):
+    def __init__(self, cfg: RunConfig, client: AsyncSalmonClient):
         self.cfg, self.client = cfg, client
 
     async def __call__(self, source: str, field_name: str = "principles.set") -> PrincipleSet:
@@ -66,7 +64,7 @@ class SetResolver:
         return pset
 
 
-async def _resolve_sets(cfg: RunConfig, client: RewardClient) -> tuple[SetTimeline, PrincipleSelector]:
+async def _resolve_sets(cfg: RunConfig, client: AsyncSalmonClient) -> tuple[SetTimeline, PrincipleSelector]:
     resolve = SetResolver(cfg, client)
     try:
         await client.limits()
@@ -87,8 +85,10 @@ def _render_query(model_dir: Path):
     """openrlhf protocol: (prompt, response) -> the policy's chat-templated text."""
     from salmon.modeling import load_tokenizer
 
-    tok = load_tokenizer(model_dir)
+    return _render_with(load_tokenizer(model_dir))
 
+
+def _render_with(tok: Any):
     def render_query(prompt: Any, response: str) -> str:
         msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         if response:
@@ -102,7 +102,7 @@ def _render_query(model_dir: Path):
 class RewardService:
     """The client, the principle-set timeline and the reward callables of one run."""
 
-    client: RewardClient
+    client: AsyncSalmonClient
     timeline: SetTimeline
     normalizer: RunningNormalizer
     writer: RolloutWriter | None
@@ -143,7 +143,11 @@ class RewardService:
 def connect(cfg: RunConfig, model_dir: Path, run_id: str) -> RewardService:
     """Check the service, register the run's sets, build the reward callables. Raises UserError for a
     wrong key, path or set, TrainingAborted when the service cannot be reached at all."""
-    client = make_client(cfg, _render_query(model_dir) if cfg.reward.protocol == "openrlhf" else None)
+    return _connect(cfg, run_id, _render_query(model_dir) if cfg.reward.protocol == "openrlhf" else None)
+
+
+def _connect(cfg: RunConfig, run_id: str, render_query: Any) -> RewardService:
+    client = make_client(cfg, render_query)
     try:
         timeline, selector = asyncio.run(_resolve_sets(cfg, client))
     except RewardServiceError as e:
@@ -157,3 +161,55 @@ def connect(cfg: RunConfig, model_dir: Path, run_id: str) -> RewardService:
     shaping = ShapingReward(cfg.shaping) if cfg.shaping.length_bonus.enabled or cfg.shaping.unfinished_penalty \
         else None
     return RewardService(client, timeline, normalizer, writer, score, shaping)
+
+
+def reward_funcs(config: RunConfig | str | Path | dict[str, Any] | None = None, *, url: str | None = None,
+                 principle_set: str | None = None, tokenizer: Any = None, run_id: str | None = None) -> list[Any]:
+    """TRL reward functions scored by the salmon service, for a GRPOTrainer (or RLOOTrainer) of your own.
+
+    The same callables ``salmon train`` gives TRL: the service's score (async; TRL awaits it on its
+    own loop), then SALMON's shaping terms when the config turns any on. ::
+
+        from policy_trainer import reward_funcs
+        trainer = GRPOTrainer(model=..., args=GRPOConfig(...), train_dataset=ds,
+                              reward_funcs=reward_funcs(url="http://127.0.0.1:8000", principle_set="concise"))
+
+    ``config``: a run config (``RunConfig``, a YAML path, or a dict) whose ``reward``, ``principles``,
+    ``shaping`` and ``output`` sections apply (every field as documented in policy_trainer/config.py:
+    per-prompt selection ``select_k``, an ``intervention`` set, a ``schedule`` of switches, retries);
+    ``url`` and ``principle_set`` (a shipped name, a YAML path, or a name registered on the service)
+    override it. Rollout shards are written only when the config names ``output.rollouts_dir``.
+    ``tokenizer``: the policy's; gives the EOS ids of the shaping terms, and the chat template of
+    ``reward.protocol: openrlhf``. A dataset column ``prompt_id`` groups completions by prompt (else
+    the prompt itself does); ``prompt_type`` picks SALMON's per-type boosts.
+
+    Connects at once: a wrong URL, key or set raises UserError here, not at the first step; an
+    unreachable service raises TrainingAborted after the retry budget.
+    """
+    from policy_trainer.config import set_dotted
+    from salmon.config import load_yaml, validate_config
+
+    if isinstance(config, RunConfig):
+        data: Any = config.model_dump()
+    elif isinstance(config, dict):
+        data = {**config, "output": {"rollouts_dir": None, **(config.get("output") or {})}}
+    elif config is None:
+        data = {"output": {"rollouts_dir": None}}
+    else:
+        data = load_yaml(config)
+    if isinstance(data, dict):
+        if url is not None:
+            set_dotted(data, "reward.url", url)
+        if principle_set is not None:
+            set_dotted(data, "principles.set", principle_set)
+    cfg = validate_config(RunConfig, data, str(config) if isinstance(config, str | Path) else "reward_funcs")
+    if cfg.reward.protocol == "openrlhf" and tokenizer is None:
+        raise UserError("reward.protocol openrlhf: pass tokenizer= (the policy's) to render its chat template")
+    service = _connect(cfg, run_id or cfg.output.run_id or "trl",
+                       _render_with(tokenizer) if cfg.reward.protocol == "openrlhf" else None)
+    eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+    if eos is not None:
+        service.score.eos_token_ids = [eos]
+        if service.shaping is not None:
+            service.shaping.eos_token_ids = [eos]
+    return service.reward_funcs

@@ -7,12 +7,14 @@ They are two reward functions rather than one on purpose: TRL logs each function
 ``ServiceReward`` is where one generation batch meets the rest of the system: it picks the active
 principle set (schedule / control file), selects principles per prompt, sends the groups through
 the one client, exports the rollout shard, and times the wait (the report's reward-latency share).
-It raises :class:`~policy_trainer.rm_client.RewardServiceError` when the service cannot answer:
+It raises :class:`~salmon_client.RewardServiceError` when the service cannot answer:
 TRL propagates it out of ``train()`` and the runner checkpoints and exits non-zero.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from collections import defaultdict
@@ -21,10 +23,10 @@ from typing import Any
 
 from policy_trainer.config import ShapingConfig
 from policy_trainer.principles_select import PrincipleSelector, Selection, SetTimeline
-from policy_trainer.rm_client import Group, RewardClient
 from policy_trainer.rollouts import RolloutWriter, policy_version
 from policy_trainer.shaping import RunningNormalizer, scale_scores, shaping_terms
 from principles.schema import PrincipleSet
+from salmon_client.client import AsyncSalmonClient, Group
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,12 @@ def completion_text(completion: Any) -> str:
     if isinstance(completion, str):
         return completion
     return "".join(m.get("content", "") for m in completion if isinstance(m, dict))
+
+
+def prompt_key(prompt: Any) -> str:
+    """A stable id for a prompt given as text or chat messages (sha256 of its JSON, 12 hex digits)."""
+    blob = json.dumps(_service_prompt(prompt), sort_keys=True, ensure_ascii=False)
+    return "p-" + hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 def principle_payload(sel: Selection) -> list[dict[str, str]]:
@@ -66,7 +74,7 @@ class ServiceReward:
 
     __name__ = "salmon_rm"
 
-    def __init__(self, client: RewardClient, timeline: SetTimeline, selector: PrincipleSelector,
+    def __init__(self, client: AsyncSalmonClient, timeline: SetTimeline, selector: PrincipleSelector,
                  shaping: ShapingConfig, *, run_id: str, writer: RolloutWriter | None = None,
                  eos_token_ids: Sequence[int] = (), normalizer: RunningNormalizer | None = None,
                  resolve_set: Callable[[str], Awaitable[PrincipleSet]] | None = None):
@@ -90,7 +98,9 @@ class ServiceReward:
                        **_: Any) -> list[float]:
         step = int(getattr(trainer_state, "global_step", 0) or 0)
         n = len(completions)
-        ids = prompt_id or [str(i) for i in range(n)]  # without ids, each row is its own prompt
+        # Without ids (a user's own dataset), a prompt's text names it: its group stays one group, with
+        # one principle selection, as GRPO's group-relative advantage needs.
+        ids = prompt_id or [prompt_key(p) for p in prompts]
         types = prompt_type or [None] * n
         pset = self.timeline.at_step(step)
         source = self.timeline.poll_control()

@@ -33,9 +33,9 @@ from policy_trainer.config import RunConfig
 from policy_trainer.methods import BuildContext, get_method
 from policy_trainer.report import StepTimer, build_report, write_report
 from policy_trainer.reward_service import RewardService, TrainingAborted, connect
-from policy_trainer.rm_client import RewardServiceError
 from salmon.atomic import atomic_write_json
 from salmon.errors import UserError
+from salmon_client.client import RewardServiceError
 
 __all__ = ["STATE_FILE", "RunResult", "TrainingAborted", "run_training"]
 

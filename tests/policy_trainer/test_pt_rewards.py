@@ -12,9 +12,9 @@ from pt_fakes import rule_score
 from policy_trainer.config import ShapingConfig
 from policy_trainer.principles_select import PrincipleSelector, SetTimeline
 from policy_trainer.rewards import ServiceReward, ShapingReward
-from policy_trainer.rm_client import RetryPolicy, RewardClient
 from policy_trainer.rollouts import read_shards
 from principles.schema import load_principle_set
+from salmon_client.client import AsyncSalmonClient, RetryPolicy
 
 PATTERN, PENALTY = r"[aeiou]", 0.01
 
@@ -36,7 +36,7 @@ def test_groups_by_prompt_selects_per_prompt_and_writes_shard(fake_service, tmp_
     from policy_trainer.rollouts import RolloutWriter
 
     rl, concise = load_principle_set("rl"), load_principle_set("concise")
-    client = RewardClient(fake_service.url, retry=RetryPolicy(rng=random.Random(0)))
+    client = AsyncSalmonClient(fake_service.url, retry=RetryPolicy(rng=random.Random(0)))
     ctl = tmp_path / "ctl"
 
     async def resolve(src: str):

@@ -13,15 +13,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pt_fakes import rule_score
 
-from policy_trainer.rm_client import (
+from principles.schema import load_principle_set
+from salmon_client.client import (
+    AsyncSalmonClient,
     Group,
     RetryPolicy,
-    RewardClient,
     RewardServiceError,
     parse_retry_after,
     plan_requests,
 )
-from principles.schema import load_principle_set
 
 PATTERN, PENALTY = r"[aeiou]", 0.01
 
@@ -37,10 +37,10 @@ class Sleeps:
         await asyncio.sleep(0)
 
 
-def client_for(url: str, **kw) -> RewardClient:
+def client_for(url: str, **kw) -> AsyncSalmonClient:
     kw.setdefault("retry", RetryPolicy(max_attempts=4, initial_backoff_s=0.1, max_backoff_s=1, jitter=0.5,
                                        budget_s=30, rng=random.Random(0)))
-    return RewardClient(url, **kw)
+    return AsyncSalmonClient(url, **kw)
 
 
 def run(coro):
@@ -164,7 +164,7 @@ def test_other_4xx_are_not_retried(fake_service, status):
 def test_time_governs_by_default_not_a_count_of_tries(monkeypatch):
     """With the default policy a dead URL is retried until the budget is spent, however many tries that is;
     the last wait is cut so the final try lands at the budget."""
-    import policy_trainer.rm_client as rm_client_module
+    import salmon_client.client as rm_client_module
 
     url = f"http://127.0.0.1:{free_port()}"
     waited = [0.0]
@@ -184,7 +184,7 @@ def test_time_governs_by_default_not_a_count_of_tries(monkeypatch):
     monkeypatch.setattr(rm_client_module, "time", ClockOfWaits)
     policy = RetryPolicy(budget_s=90, rng=random.Random(0))
     assert policy.max_attempts is None
-    client = RewardClient(url, retry=policy, sleep=sleep, max_items=8)
+    client = AsyncSalmonClient(url, retry=policy, sleep=sleep, max_items=8)
     with pytest.raises(RewardServiceError) as ei:
         run(client.score_groups(groups_of(1, 2)))
     assert ei.value.attempts > 6  # more tries than a count cap of 6 would have allowed

@@ -115,7 +115,7 @@ class _Outage(TrainerCallback):
         if state.global_step == self.at:
             self.service.stop()
             if self.back_after_s is not None:
-                logging.getLogger("policy_trainer.rm_client").addHandler(self._Handler(self))
+                logging.getLogger("salmon_client.client").addHandler(self._Handler(self))
 
     class _Handler(logging.Handler):
         def __init__(self, outage: _Outage):
@@ -130,9 +130,9 @@ class _Outage(TrainerCallback):
                 o.timer.start()
 
     def close(self) -> None:
-        for h in list(logging.getLogger("policy_trainer.rm_client").handlers):
+        for h in list(logging.getLogger("salmon_client.client").handlers):
             if isinstance(h, self._Handler):
-                logging.getLogger("policy_trainer.rm_client").removeHandler(h)
+                logging.getLogger("salmon_client.client").removeHandler(h)
 
 
 def test_service_outage_within_retry_budget_loses_no_step(fake_service, tiny_model_dir, tmp_path):

@@ -15,8 +15,8 @@ import random
 
 import pytest
 
-from policy_trainer.rm_client import Group, RetryPolicy, RewardClient, RewardServiceError
 from principles.schema import load_principle_set, parse_principle_set
+from salmon_client.client import AsyncSalmonClient, Group, RetryPolicy, RewardServiceError
 from tests.policy_trainer.pt_fakes import rule_score
 from tests.reliability.helpers import record
 from tests.reliability.real_service import RULE_PATTERN, RULE_PENALTY, RULE_SETTINGS, Serve, Wire
@@ -33,9 +33,9 @@ class Sleeps:
         await asyncio.sleep(s)
 
 
-def client(url: str, wire: Wire, sleeps: Sleeps, **kw) -> RewardClient:
+def client(url: str, wire: Wire, sleeps: Sleeps, **kw) -> AsyncSalmonClient:
     kw.setdefault("retry", RetryPolicy(budget_s=60, initial_backoff_s=0.1, max_backoff_s=1, rng=random.Random(0)))
-    return RewardClient(url, transport=wire, sleep=sleeps, **kw)
+    return AsyncSalmonClient(url, transport=wire, sleep=sleeps, **kw)
 
 
 def groups(n: int, size: int, ref: str) -> list[Group]:
@@ -60,7 +60,7 @@ def shared(tmp_path_factory):
         yield srv
 
 
-async def _score(c: RewardClient, gs: list[Group]) -> list[list[float]]:
+async def _score(c: AsyncSalmonClient, gs: list[Group]) -> list[list[float]]:
     try:
         return await c.score_groups(gs)
     finally:

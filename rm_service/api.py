@@ -12,8 +12,12 @@ from fastapi.responses import PlainTextResponse
 from principles.schema import PrincipleSet
 from rm_service.errors import Forbidden, InvalidRequest, Unauthorized
 from rm_service.protocol import (
+    ClassificationResponse,
+    ClassifyRequest,
     ErrorResponse,
     ModelInfo,
+    PoolingRequest,
+    PoolingResponse,
     PrincipleSetInfo,
     PrincipleSetList,
     ReloadRequest,
@@ -89,6 +93,24 @@ async def get_reward(req: RewardRequest, service: ServiceDep, response: Response
                      x_principle_set: Annotated[str | None, Header()] = None) -> RewardResponse:
     out, version = await service.get_reward(req, x_principle_set)
     response.headers["X-Model-Version"] = version
+    return out
+
+
+@router.post("/classify", response_model=ClassificationResponse, dependencies=api_key)
+async def classify(req: ClassifyRequest, service: ServiceDep, response: Response,
+                   x_principle_set: Annotated[str | None, Header()] = None) -> ClassificationResponse:
+    """vLLM's classification API: ``{"model", "input": [text, ...]}`` -> ``{"data": [{"index", "probs": [score]}]}``."""
+    out = await service.pool(req, x_principle_set, "classify")
+    response.headers["X-Model-Version"] = out.model_version
+    return out
+
+
+@router.post("/pooling", response_model=PoolingResponse, dependencies=api_key)
+async def pooling(req: PoolingRequest, service: ServiceDep, response: Response,
+                  x_principle_set: Annotated[str | None, Header()] = None) -> PoolingResponse:
+    """vLLM's pooling API: ``{"model", "input": [text, ...]}`` -> ``{"data": [{"index", "data": [score]}]}``."""
+    out = await service.pool(req, x_principle_set, "pooling")
+    response.headers["X-Model-Version"] = out.model_version
     return out
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 def _valid_unicode(v: str) -> str:
@@ -96,6 +96,119 @@ class RewardResponse(BaseModel):
     rewards: list[float]
     scores: list[float]
     extra_logs: dict[str, Any] = Field(default_factory=dict)
+
+
+class PoolingInput(BaseModel):
+    """vLLM's pooling request (``/classify``, ``/pooling``): texts in ``input``, or one conversation in
+    ``messages``. vLLM's other fields are accepted so its clients work unchanged; unknown ones are a 422."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Text | None = Field(default=None, description="Any name; echoed back. The served scorer is "
+                               "whatever the service serves (its version is in model_version).")
+    input: Text | list[Text] | None = Field(
+        default=None, description="Whole chat-templated texts (prompt + response), as /get_reward's 'query': "
+        "split into turns by the served model's chat template. Token ids are not accepted.")
+    messages: list[ChatMessage] | None = Field(
+        default=None, description="One conversation instead of 'input': the last message is the assistant "
+        "response to score, the ones before it the prompt (ending with a user turn).")
+    principle_set: Text | None = Field(
+        default=None, description="salmon's field: 'name' or 'name@hash'; else the X-Principle-Set header, "
+        "else the default set.")
+    use_activation: bool | None = Field(default=None, description="true: sigmoid(score) instead of the raw "
+                                        "score (default: raw; a reward is not a probability).")
+    activation: bool | None = Field(default=None, description="vLLM's older name of use_activation.")
+    softmax: bool | None = Field(default=None, description="vLLM's older name of use_activation.")
+    truncate_prompt_tokens: int | None = Field(
+        default=None, ge=-1, description="Accepted for vLLM clients; salmon truncates a prompt from its start "
+        "at the service's max_prompt_tokens whatever this says.")
+    user: Text | None = Field(default=None, description="Accepted and ignored.")
+    request_id: Text | None = Field(default=None, description="Echoed in the response id.")
+    priority: int = Field(default=0, description="Accepted and ignored (one queue).")
+    add_special_tokens: bool | None = Field(default=None, description="Accepted and ignored: the renderer "
+                                            "adds what the chat template says.")
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _text_only(cls, v: Any) -> Any:
+        flat = v if isinstance(v, list) else [v]
+        if any(isinstance(x, int | list) and not isinstance(x, bool) for x in flat):
+            raise ValueError("token ids are not accepted: salmon renders the principles, prompt and response "
+                             "itself; send the text")
+        if isinstance(v, list) and not v:
+            raise ValueError("give at least one text")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PoolingInput:
+        if (self.input is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'input' (texts) and 'messages' (one conversation)")
+        return self
+
+    @property
+    def activate(self) -> bool:
+        flags = [f for f in (self.use_activation, self.activation, self.softmax) if f is not None]
+        return bool(flags and flags[0])
+
+
+class ClassifyRequest(PoolingInput):
+    """vLLM's ClassificationRequest, as ``POST /classify`` takes it."""
+
+
+class PoolingRequest(PoolingInput):
+    """vLLM's PoolingRequest, as ``POST /pooling`` takes it."""
+
+    encoding_format: Literal["float", "base64"] = Field(
+        default="float", description="float: data is [score]; base64: the score as base64 float32 bytes.")
+    embed_dtype: Literal["float32"] = Field(default="float32", description="Only float32.")
+    endianness: Literal["native", "little", "big"] = Field(default="native", description="For base64.")
+    task: Text | None = Field(default=None, description="Accepted and ignored: the only task is the reward.")
+    dimensions: None = Field(default=None, description="Embeddings only; not served here.")
+    normalize: bool | None = Field(default=None, description="Accepted and ignored.")
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
+class PoolingUsage(BaseModel):
+    prompt_tokens: int = Field(description="Tokens the model processed, cached ones included.")
+    total_tokens: int
+    completion_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails,
+                                                       description="cached_tokens: served from the prefix cache.")
+
+
+class ClassificationData(BaseModel):
+    index: int
+    label: str = Field(default="reward", description="Always 'reward': one class, the score.")
+    probs: list[float] = Field(description="[score] (raw, or sigmoid(score) with use_activation).")
+    num_classes: int = 1
+
+
+class PoolingData(BaseModel):
+    index: int
+    object: str = "pooling"
+    data: list[float] | str = Field(description="[score], or its float32 bytes in base64.")
+
+
+class PoolingResponseBase(BaseModel):
+    id: str
+    object: str = "list"
+    created: int
+    model: str
+    usage: PoolingUsage
+    model_version: str = Field(description="salmon: the scorer version that produced these scores.")
+    principle_set: str = Field(description="salmon: name@hash of the set used.")
+    principle_set_hash: str
+
+
+class ClassificationResponse(PoolingResponseBase):
+    data: list[ClassificationData]
+
+
+class PoolingResponse(PoolingResponseBase):
+    data: list[PoolingData]
 
 
 class PrincipleSetInfo(BaseModel):

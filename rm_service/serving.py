@@ -7,9 +7,13 @@ errors (errors.py). Rendering (tokenization) runs in a worker thread, never on t
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
+import math
+import struct
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from pathlib import Path
 
@@ -26,17 +30,26 @@ from rm_core.registry import Registry, RegistryError
 from rm_core.render import PROMPT_FORMAT_VERSION, RenderError
 from rm_core.scorer_table import ScorerOptions, build_scorer, resolve_kind
 from rm_core.scorers import Prepared, Scorer
-from rm_service.batcher import Batcher
+from rm_service.batcher import Batcher, JobResult
 from rm_service.errors import Conflict, InvalidRequest, NotFound, NotReady, PayloadTooLarge, ScoringFailed
 from rm_service.metrics import Metrics
 from rm_service.protocol import (
+    ClassificationData,
+    ClassificationResponse,
     InlinePrinciple,
     ModelInfo,
+    PoolingData,
+    PoolingInput,
+    PoolingRequest,
+    PoolingResponse,
+    PoolingUsage,
     PrincipleSetInfo,
     PrincipleSetList,
+    PromptTokensDetails,
     ReloadResponse,
     RewardRequest,
     RewardResponse,
+    ScoreItem,
     ScoreRequest,
     ScoreResponse,
     Usage,
@@ -232,7 +245,7 @@ class ModelManager:
 
 
 class ScoreService:
-    """The request pipeline shared by /v1/score and /get_reward."""
+    """The request pipeline shared by /v1/score, /get_reward and vLLM's /classify and /pooling."""
 
     def __init__(self, settings: ServiceSettings, metrics: Metrics | None = None):
         self.settings = settings
@@ -329,38 +342,83 @@ class ScoreService:
             usage=Usage(tokens=result.tokens, cached_tokens=result.cached_tokens),
         )
 
-    async def get_reward(self, req: RewardRequest, principle_set: str | None) -> tuple[RewardResponse, str]:
-        """OpenRLHF remote-RM protocol: full chat-templated strings in, rewards out."""
-        if len(req.query) > self.settings.max_items:
-            raise PayloadTooLarge(f"{len(req.query)} queries; the limit is {self.settings.max_items}", param="query")
-        if req.prompts is not None and len(req.prompts) != len(req.query):
-            raise InvalidRequest(f"'prompts' has {len(req.prompts)} entries but 'query' has {len(req.query)}",
+    async def score_queries(self, queries: list[str], prompts: list[str] | None, principle_set: str | None,
+                            param: str) -> tuple[JobResult, Scorer, PrincipleSet]:
+        """Whole chat-templated texts (prompt + response), split into turns by the model's own template;
+        where a text does not follow it, the matching ``prompts`` entry (a prefix) marks the response.
+        The stages of :meth:`score`: limits, set, render off the loop, the one batcher. ``param`` is the
+        request field holding the texts, for error messages (``query``, ``input``)."""
+        if len(queries) > self.settings.max_items:
+            raise PayloadTooLarge(f"{len(queries)} texts in '{param}'; the limit is {self.settings.max_items}. "
+                                  "Split the request", param=param)
+        if prompts is not None and len(prompts) != len(queries):
+            raise InvalidRequest(f"'prompts' has {len(prompts)} entries but '{param}' has {len(queries)}",
                                  param="prompts")
         s = self.sets.resolve(principle_set)
         scorer = self.scorer()
         if not hasattr(scorer, "renderer"):
-            raise InvalidRequest("the rule scorer cannot parse chat-templated queries; use /v1/score")
+            raise InvalidRequest(f"the rule scorer cannot parse chat-templated text in '{param}'; send "
+                                 "(prompt, response) items to /v1/score", param=param)
 
         def prepare() -> list[Prepared]:
             out = []
-            for i, q in enumerate(req.query):
+            for i, q in enumerate(queries):
                 try:
                     try:
                         msgs, response = scorer.renderer.parse_conversation(q)
                     except RenderError:
                         # Not this model's template: with the prompt given, the rest is the response.
-                        if req.prompts is None or not q.startswith(req.prompts[i]):
+                        if prompts is None or not q.startswith(prompts[i]):
                             raise
-                        msgs, response = req.prompts[i], q[len(req.prompts[i]):]
+                        msgs, response = prompts[i], q[len(prompts[i]):]
                     out.append(scorer.prepare(list(s.principles), msgs, response, (), True))
                 except RenderError as e:
-                    raise InvalidRequest(f"query[{i}]: {e}", param=f"query.{i}") from None
+                    raise InvalidRequest(f"{param}[{i}]: {e}", param=f"{param}.{i}") from None
             return out
 
         prepared = await asyncio.to_thread(prepare)
-        result = await self._run(prepared)
+        return await self._run(prepared), scorer, s
+
+    async def get_reward(self, req: RewardRequest, principle_set: str | None) -> tuple[RewardResponse, str]:
+        """OpenRLHF remote-RM protocol: full chat-templated strings in, rewards out."""
+        result, scorer, s = await self.score_queries(req.query, req.prompts, principle_set, "query")
         return RewardResponse(rewards=result.scores, scores=result.scores,
                               extra_logs={"model_version": scorer.version, "principle_set": s.ref}), scorer.version
+
+    async def pool(self, req: PoolingInput, header_set: str | None, kind: str
+                   ) -> ClassificationResponse | PoolingResponse:
+        """vLLM's ``/classify`` (``kind`` classify) and ``/pooling``: one score per text of ``input``, or one
+        for the conversation of ``messages``, through the pipeline of /get_reward or of /v1/score."""
+        spec = req.principle_set or header_set
+        if req.messages is not None:
+            *prompt, last = req.messages
+            if last.role != "assistant" or not any(m.role == "user" for m in prompt):
+                raise InvalidRequest("'messages' must end with the assistant response to score, after at least "
+                                     "one user turn", param="messages")
+            out = await self.score(ScoreRequest(items=[ScoreItem(prompt=prompt, response=last.content)],
+                                                principle_set=spec))
+            scores, version, ref, set_hash = out.scores, out.model_version, out.principle_set or "", out.principle_set_hash
+            tokens, cached = out.usage.tokens, out.usage.cached_tokens
+        else:
+            texts = [req.input] if isinstance(req.input, str) else list(req.input or [])
+            result, scorer, s = await self.score_queries(texts, None, spec, "input")
+            scores, version, ref, set_hash = result.scores, scorer.version, s.ref, s.hash
+            tokens, cached = result.tokens, result.cached_tokens
+        if req.activate:
+            scores = [1.0 / (1.0 + math.exp(-x)) if x >= -700 else 0.0 for x in scores]
+        common = dict(created=int(time.time()), model=req.model or version, model_version=version,
+                      principle_set=ref, principle_set_hash=set_hash,
+                      usage=PoolingUsage(prompt_tokens=tokens, total_tokens=tokens,
+                                         prompt_tokens_details=PromptTokensDetails(cached_tokens=cached)))
+        suffix = req.request_id or uuid.uuid4().hex
+        if kind == "classify":
+            return ClassificationResponse(id=f"classify-{suffix}", **common,
+                                          data=[ClassificationData(index=i, probs=[x]) for i, x in enumerate(scores)])
+        encode = isinstance(req, PoolingRequest) and req.encoding_format == "base64"
+        order = {"little": "<", "big": ">"}.get(getattr(req, "endianness", "native"), "=")
+        return PoolingResponse(id=f"pool-{suffix}", **common, data=[
+            PoolingData(index=i, data=base64.b64encode(struct.pack(f"{order}f", x)).decode() if encode else [x])
+            for i, x in enumerate(scores)])
 
     def model_info(self) -> ModelInfo:
         s = self.settings

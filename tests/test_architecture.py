@@ -11,7 +11,7 @@ The rules:
 (a) the package import graph has no cycle;
 (b) a package imports only packages on a lower layer; packages on one layer do not import each other:
 
-        salmon  <-  principles  <-  {rm_core, salmon_client}  <-  {rm_service, data_synth, policy_trainer}  <-  benchmarks  <-  salmon_cli
+        salmon  <-  principles  <-  {rm_core, salmon_client}  <-  {rm_service, data_synth, policy_trainer}  <-  benchmarks  <-  salmon_cli  <-  examples
 
 (c) no module uses another package's private names: no ``from x import _y``, no ``import x._y``, no
     ``module._y`` on a module of another package, and no ``obj._y`` where ``_y`` is a private name
@@ -44,6 +44,7 @@ LAYERS: dict[str, int] = {
     "policy_trainer": 3,
     "benchmarks": 4,
     "salmon_cli": 5,
+    "examples": 6,  # scripts a user runs top to bottom; they use the public API of any package
 }
 
 # Imports the layering forbids but the design allows, (importer, imported) -> why. None today: the

@@ -9,6 +9,7 @@ callables a trainer calls (policy_trainer.rewards): the service's score and SALM
 from __future__ import annotations
 
 import asyncio
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,8 +178,10 @@ def reward_funcs(config: RunConfig | str | Path | dict[str, Any] | None = None, 
     ``config``: a run config (``RunConfig``, a YAML path, or a dict) whose ``reward``, ``principles``,
     ``shaping`` and ``output`` sections apply (every field as documented in policy_trainer/config.py:
     per-prompt selection ``select_k``, an ``intervention`` set, a ``schedule`` of switches, retries);
-    ``url`` and ``principle_set`` (a shipped name, a YAML path, or a name registered on the service)
-    override it. Rollout shards are written only when the config names ``output.rollouts_dir``.
+    ``url`` (default: the config's, else ``$SALMON_URL``, else http://127.0.0.1:8000) and
+    ``principle_set`` (a shipped name, a YAML path, or a name registered on the service) override it;
+    the API key is ``$SALMON_API_KEY`` (``reward.api_key_env``). Rollout shards are written only when
+    the config names ``output.rollouts_dir``.
     ``tokenizer``: the policy's; gives the EOS ids of the shaping terms, and the chat template of
     ``reward.protocol: openrlhf``. A dataset column ``prompt_id`` groups completions by prompt (else
     the prompt itself does); ``prompt_type`` picks SALMON's per-type boosts.
@@ -198,7 +201,8 @@ def reward_funcs(config: RunConfig | str | Path | dict[str, Any] | None = None, 
     else:
         data = load_yaml(config)
     if isinstance(data, dict):
-        if url is not None:
+        url = url or (None if (data.get("reward") or {}).get("url") else os.environ.get("SALMON_URL"))
+        if url:
             set_dotted(data, "reward.url", url)
         if principle_set is not None:
             set_dotted(data, "principles.set", principle_set)

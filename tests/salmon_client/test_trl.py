@@ -57,7 +57,7 @@ def test_reward_funcs_with_a_run_config_and_a_bad_set(env, tmp_path):
     assert shaping(**grpo_batch()) == [0.0] * 6  # every completion ends with EOS 2
     assert len(asyncio.run(score(**grpo_batch()))) == 6
     with pytest.raises(UserError, match="no-such-set"):
-        reward_funcs(url=env.url, principle_set="no-such-set")
+        reward_funcs(principle_set="no-such-set")  # the URL from $SALMON_URL
 
 
 def test_the_example_script_runs_top_to_bottom(env, tiny_model_dir, tmp_path):

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from principles.schema import Principle, PrincipleSet
-from salmon.atomic import atomic_write_jsonl
+from salmon.atomic import atomic_write_jsonl, remove_stale_temps
 from salmon.errors import UserError
 
 from .config import AggregateConfig
@@ -209,6 +209,8 @@ def run_aggregate(pairs: Sequence[dict], judgments: Sequence[dict], pset: Princi
         raise UserError("aggregation produced no training pairs (every draw was skipped: see the judge "
                        "summary's order_agreement; try more prompts or require_order_agreement: false)")
     out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out)  # a killed earlier run's half-written temp files; the stage rewrites every file
     atomic_write_jsonl(out / "train.jsonl", train)
     atomic_write_jsonl(out / "eval.jsonl", evals)
     rows = train + evals

@@ -238,7 +238,8 @@ def _rm_train(args) -> int:
     data = Path(args.data)
     train = data / "train.jsonl" if data.is_dir() else data
     evals = data / "eval.jsonl" if data.is_dir() else None
-    result = train_reward_model(train, evals, cfg)
+    # A rerun after a kill that came after the publish returns that version instead of a duplicate.
+    result = train_reward_model(train, evals, cfg, reuse_published=True)
     _print({"version": result.version, "registry": str(cfg.registry), **result.metrics})
     return 0
 

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from salmon.atomic import atomic_write_json
+from salmon.atomic import atomic_write_json, remove_stale_temps
 
 from .config import SynthRunConfig
 from .stages import StageContext, run_stages
@@ -27,6 +27,8 @@ def _manifest_extra(ctx: StageContext) -> dict[str, Any]:
 def run_pipeline(cfg: SynthRunConfig) -> dict[str, Any]:
     t0 = time.monotonic()
     out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out)  # run_summary.json's temp file, if a kill landed inside its write
     ctx = run_stages(StageContext(config=cfg, out=out, manifest_extra=_manifest_extra))
     summary: dict[str, Any] = dict(ctx.summaries)
     summary["time_s"] = round(time.monotonic() - t0, 1)

@@ -150,13 +150,44 @@ class TrainResult:
     model: Any = field(default=None, repr=False)  # the trained PeftModel, in eval mode
 
 
+def _sort_target_modules(config_path: Path) -> None:
+    """PEFT writes ``target_modules`` from a set, in string-hash order, which differs per process: sorted,
+    the same training gives the same bytes (and manifest sha256), so a resumed run equals a clean one."""
+    import json
+
+    cfg = json.loads(config_path.read_text())
+    if isinstance(cfg.get("target_modules"), list):
+        cfg["target_modules"] = sorted(cfg["target_modules"])
+        config_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+
+
+def _published_with(registry, fingerprint: str) -> TrainResult | None:
+    """The version whose manifest records ``fingerprint``, made CURRENT if a kill came between its
+    rename into place and the CURRENT switch (it is then the newest version), or None."""
+    versions = registry.versions()
+    for version in reversed(versions):
+        m = registry.manifest(version, verify=False)
+        if (m.model_extra or {}).get("train_fingerprint") == fingerprint:
+            registry.manifest(version)  # verify its files before serving it
+            if version == versions[-1] and registry.current() != version:
+                registry.set_current(version)
+            log.info("%s was already trained from this data and config; not training again", version)
+            return TrainResult(version, m.model_dump(mode="json"), {**m.eval_metrics, "reused": True})
+    return None
+
+
 def train_reward_model(train_path: str | Path, eval_path: str | Path | None, cfg: TrainConfig,
                        extra_manifest: dict[str, Any] | None = None, keep_build: Path | None = None,
-                       extra_eval: Callable[[ScoreFn], dict[str, Any]] | None = None) -> TrainResult:
+                       extra_eval: Callable[[ScoreFn], dict[str, Any]] | None = None,
+                       reuse_published: bool = False) -> TrainResult:
     """Train on ``train_path`` rows, evaluate on ``eval_path``, publish to ``cfg.registry``.
 
     ``extra_eval`` receives a scoring function over the trained model (principles, negate, items) and
     returns more metrics for the manifest (e.g. the held-out flip table of ``rm-pretrain``).
+    ``reuse_published``: when the registry already holds a version trained from these very files with
+    this config and extra manifest (its ``train_fingerprint``), return it instead of training again —
+    the rerun of a run killed after its publish (``synth run``, ``rm-train``) must not publish a
+    duplicate. Training is seeded, so that version is what training again would give.
     """
     from datasets import Dataset
     from peft import LoraConfig, PeftModel, TaskType
@@ -178,6 +209,11 @@ def train_reward_model(train_path: str | Path, eval_path: str | Path | None, cfg
     eval_rows = load_rm_rows(eval_path) if eval_path and Path(eval_path).is_file() else []
     if not train_rows:
         raise UserError(f"{train_path}: no training pairs")
+    data_files = [train_path] + ([eval_path] if eval_rows else [])
+    fingerprint = stable_hash({"data": [file_sha256(Path(f)) for f in data_files],
+                               "train_config": cfg.model_dump(mode="json"), "extra": extra_manifest or {}})
+    if reuse_published and cfg.publish and (done := _published_with(Registry(cfg.registry), fingerprint)):
+        return done
     tok = load_tokenizer(cfg.base_model)
     renderer = Renderer(tok)
     rendered, too_long = render_dataset(renderer, train_rows, cfg.max_length)
@@ -257,7 +293,7 @@ def train_reward_model(train_path: str | Path, eval_path: str | Path | None, cfg
         build = keep_build or work / "build"
         build.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(build / "adapter", safe_serialization=True)
-        data_files = [train_path] + ([eval_path] if eval_rows else [])
+        _sort_target_modules(build / "adapter" / "adapter_config.json")
         manifest = {
             "base_model": cfg.base_model, "adapter": "adapter",
             "reward_mean": reward_mean, "reward_std": reward_std if reward_std > 1e-8 else 1.0,
@@ -271,6 +307,7 @@ def train_reward_model(train_path: str | Path, eval_path: str | Path | None, cfg
             "train_config": cfg.model_dump(mode="json"),
             "principle_set": sorted({r.get("principle_set", "") for r in train_rows} - {""}),
             **(extra_manifest or {}),
+            "train_fingerprint": fingerprint,
         }
         version = registry.publish(build, manifest) if cfg.publish else None
         metrics["total_time_s"] = round(time.monotonic() - t0, 1)

@@ -20,7 +20,14 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from salmon.atomic import atomic_write_json, atomic_write_text, file_sha256, jsonl_dumps, read_jsonl
+from salmon.atomic import (
+    atomic_write_json,
+    atomic_write_text,
+    file_sha256,
+    jsonl_dumps,
+    read_jsonl,
+    remove_stale_temps,
+)
 from salmon.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -74,8 +81,8 @@ class ShardedStage:
             unit_name: str = "items") -> dict[str, Any]:
         """Finish every shard; returns the manifest (``done`` maps shard file -> sha256, records, counters)."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        for tmp in self.out_dir.glob(".shard-*.tmp"):  # leftovers of a kill mid-write; never read
-            tmp.unlink(missing_ok=True)
+        # Leftovers of a kill mid-write (a shard's, the manifest's or the summary's temp file); never read.
+        remove_stale_temps(self.out_dir)
         shards = [units[i:i + shard_size] for i in range(0, len(units), shard_size)]
         manifest = self._load_manifest(len(shards))
         done: dict[str, Any] = manifest["done"]

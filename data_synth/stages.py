@@ -87,6 +87,8 @@ def run_train_stage(ctx: StageContext) -> dict[str, Any]:
 
     data = ctx.data["dataset"]
     cfg = ctx.config.train
-    result = train_reward_model(data / "train.jsonl", data / "eval.jsonl", cfg, extra_manifest=ctx.manifest_extra(ctx))
+    # A resumed run whose kill came after the publish gets that version back, not a second one.
+    result = train_reward_model(data / "train.jsonl", data / "eval.jsonl", cfg, extra_manifest=ctx.manifest_extra(ctx),
+                                reuse_published=True)
     ctx.data["reward_model"] = result
     return {"version": result.version, "registry": str(cfg.registry), **result.metrics}

@@ -152,6 +152,8 @@ class Registry:
 
     def set_current(self, version: str) -> None:
         self.manifest(version, verify=False)
+        for p in self.root.glob(f".{CURRENT}.*.tmp"):  # a switch killed mid-write left its temp file
+            p.unlink(missing_ok=True)
         atomic_write_text(self.root / CURRENT, version + "\n")
 
     def _clean_staging(self) -> None:

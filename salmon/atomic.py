@@ -6,9 +6,11 @@ Every writer in salmon that produces a file another process reads goes through h
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
+import signal
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -25,12 +27,47 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+# Test hook, unset in normal use. SALMON_FAULT_KILL_WRITE="<fnmatch pattern>:<n>" makes the n-th (1-based)
+# atomic write of a path matching the pattern SIGKILL its own process after half of the bytes reached the
+# temp file: the resume tests use it to land a kill inside a write, which a kill from outside at a random
+# moment almost never hits (a write takes microseconds).
+FAULT_ENV = "SALMON_FAULT_KILL_WRITE"
+_fault_writes = 0
+
+
+def _fault_hook(path: Path, f: Any, data: bytes) -> None:
+    global _fault_writes
+    pattern, _, nth = os.environ.get(FAULT_ENV, "").rpartition(":")
+    if not pattern or not fnmatch.fnmatch(str(path), pattern):
+        return
+    _fault_writes += 1
+    if _fault_writes == int(nth):
+        f.write(data[:len(data) // 2])
+        f.flush()
+        os.fsync(f.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def remove_stale_temps(directory: str | os.PathLike) -> int:
+    """Delete the temp files a kill inside an atomic write left in ``directory``; returns how many.
+
+    Only a writer that owns the directory may call this (another process's write in progress would go).
+    """
+    n = 0
+    for tmp in Path(directory).glob(".*.tmp"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            n += 1
+    return n
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            _fault_hook(path, f, data)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

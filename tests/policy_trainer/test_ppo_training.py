@@ -77,31 +77,38 @@ def test_ppo_two_steps_same_rewards_shards_report_and_checkpoint(service, tiny_m
     assert len(acc.Scalars("train/reward")) == 2
 
 
-def test_ppo_resume_continues_where_it_stopped(fake_service, tiny_model_dir, tmp_path):
+def test_ppo_resume_continues_where_it_stopped(fake_service, tiny_model_dir, tmp_path, monkeypatch):
     base = tiny_run_config(tmp_path, tiny_model_dir, fake_service.url, **PPO, training={"max_steps": 2},
                            output={"save_steps": 1, "save_total_limit": 1})
     first = run_training(RunConfig.model_validate(base))
     assert first.global_step == 2
     assert [p.name for p in (tmp_path / "run").glob("checkpoint-*")] == ["checkpoint-2"]  # rotation
 
+    from peft import get_peft_model_state_dict
     from safetensors.torch import load_file
 
+    from policy_trainer.ppo import PPOTrainer
+
     saved = load_file(str(first.checkpoint / "policy" / "adapter_model.safetensors"))
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in saved.items())  # trained: not the fresh init
     before = len(fake_service.recorder.scored())
     seen: dict[str, torch.Tensor] = {}
+    callbacks = PPOTrainer._callbacks
 
-    class Grab:  # the weights the resumed run starts from
-        def on_step_begin(self, args, state, control, **kw):
-            if not seen:
-                seen.update(dict(load_file(str(first.checkpoint / "policy" / "adapter_model.safetensors"))))
+    def grab(self, event):  # the policy weights in the resumed trainer's memory as its first step begins
+        if event == "on_step_begin" and not seen:
+            seen.update({k: v.detach().cpu().clone()
+                         for k, v in get_peft_model_state_dict(self.model, adapter_name="policy").items()})
+        return callbacks(self, event)
 
+    monkeypatch.setattr(PPOTrainer, "_callbacks", grab)
     more = dict(base, training={**base["training"], "max_steps": 3})
-    result = run_training(RunConfig.model_validate(more), callbacks=[Grab()])
+    result = run_training(RunConfig.model_validate(more))
     assert result.global_step == 3
     steps_after = sorted({int(c["headers"]["x-salmon-step"]) for c in fake_service.recorder.scored()[before:]})
     assert steps_after == [2]  # one new step, not a restart
     assert [h["step"] for h in result.log_history] == [1, 2, 3]
-    assert all(torch.equal(saved[k], seen[k]) for k in saved)
+    assert set(seen) == set(saved) and all(torch.equal(saved[k], seen[k]) for k in saved)
     resumed = load_file(str(result.checkpoint / "policy" / "adapter_model.safetensors"))
     assert any(not torch.equal(saved[k], resumed[k]) for k in saved)  # and it trained on from there
 

@@ -48,14 +48,14 @@ def _wired(monkeypatch) -> Wire:
     return wire
 
 
-def _run_config(tmp_path: Path, model_dir: Path, url: str, save_steps: int = 1) -> dict:
-    """The tiny policy, three GRPO steps of 2 prompts x 2 completions, the DEFAULT retry policy."""
+def _run_config(tmp_path: Path, model_dir: Path, url: str, save_steps: int = 1, algorithm: str = "grpo") -> dict:
+    """The tiny policy, three steps (GRPO or PPO) of 2 prompts x 2 completions, the DEFAULT retry policy."""
     (tmp_path / "kill-run.yaml").write_text(SET_YAML)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"id": "g1", "prompt": "Name a fruit.", "type": "general"}\n'
                        '{"id": "g2", "prompt": "Say hello.", "type": "general"}\n')
     return {
-        "algorithm": "grpo",
+        "algorithm": algorithm,
         "policy": {"model": str(model_dir), "lora": {"r": 4, "alpha": 8}},
         "data": {"prompts": str(prompts)},
         "principles": {"set": str(tmp_path / "kill-run.yaml")},
@@ -93,20 +93,24 @@ class Orchestrator(threading.Thread):
             self.error = e
 
 
-def test_grpo_rides_out_a_sigkill_and_restart_with_default_retries(tmp_path, tiny_model_dir, monkeypatch):
+# PPO is our own trainer (its rollout, value model and reward call are not TRL's): the same orchestrated
+# kill must hold for it too.
+@pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
+def test_rl_rides_out_a_sigkill_and_restart_with_default_retries(tmp_path, tiny_model_dir, monkeypatch, algorithm):
     wire = _wired(monkeypatch)
     srv = Serve(tmp_path, SERVE).__enter__()
     orch = Orchestrator(wire, srv, tmp_path, step=1, down_s=3.0)
     orch.start()
     try:
-        result = run_training(RunConfig.model_validate(_run_config(tmp_path, tiny_model_dir, srv.url)))
+        result = run_training(RunConfig.model_validate(
+            _run_config(tmp_path, tiny_model_dir, srv.url, algorithm=algorithm)))
     finally:
         orch.join(timeout=200)
         for s in (srv, orch.new):
             if s is not None:
                 s.__exit__()
     assert orch.error is None, orch.error
-    assert result.global_step == 3
+    assert result.global_step == 3 and result.algorithm == algorithm
     # the kill landed inside a step-1 reward call: that attempt died with a transport error
     killed = orch.in_flight
     assert killed["status"] is None and killed["error"] and killed["t1"] >= orch.killed_at
@@ -133,7 +137,7 @@ def test_grpo_rides_out_a_sigkill_and_restart_with_default_retries(tmp_path, tin
                 assert score == pytest.approx(rule_score(item["response"], RULE_PATTERN, RULE_PENALTY), abs=1e-4)
     failed1 = [c for c in step1 if c["status"] != 200]
     outage = min(c["t0"] for c in ok1) - orch.killed_at
-    record("GRPO vs SIGKILLed salmon serve (default retries)", steps=result.global_step,
+    record(f"{algorithm.upper()} vs SIGKILLed salmon serve (default retries)", steps=result.global_step,
            step1_attempts=len(step1), step1_failed_attempts=len(failed1),
            failures=sorted({c["error"] or str(c["status"]) for c in failed1}),
            outage_s=round(outage, 1), restart_ready_s=round(orch.new.ready_at - orch.restarted_at, 1),

@@ -13,6 +13,14 @@ from rm_core.render import PROMPT_FORMAT_VERSION
 def publish_tiny_version(registry: Path, base_model: Path, seed: int, tmp: Path, mean: float = 0.0,
                          std: float = 1.0) -> str:
     """A LoRA + scalar head over the tiny backbone, with seeded random weights, published."""
+    build, manifest = build_tiny_version(base_model, seed, tmp, mean, std)
+    return Registry(registry).publish(build, manifest)
+
+
+def build_tiny_version(base_model: Path, seed: int, tmp: Path, mean: float = 0.0, std: float = 1.0
+                       ) -> tuple[Path, dict]:
+    """The build directory and manifest of :func:`publish_tiny_version`, not yet published (so another
+    process can publish it)."""
     from peft import LoraConfig, get_peft_model
 
     from salmon.modeling import load_sequence_classifier
@@ -26,7 +34,7 @@ def publish_tiny_version(registry: Path, base_model: Path, seed: int, tmp: Path,
                 p.normal_(0, 0.5)
     build = tmp / f"build-{seed}"
     peft.save_pretrained(build / "adapter")
-    return Registry(registry).publish(build, {
+    return build, {
         "base_model": str(base_model), "adapter": "adapter", "reward_mean": mean, "reward_std": std,
         "prompt_format_version": PROMPT_FORMAT_VERSION, "data_hash": f"seed{seed}",
-    })
+    }

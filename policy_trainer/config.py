@@ -4,7 +4,7 @@ One YAML file says everything about a run; a GPU run changes fields (precision, 
 DeepSpeed), never code. Unknown fields are errors (typos must not silently fall back to defaults).
 Loading goes through ``salmon.config`` so every error is one line naming the file and the field.
 
-    algorithm: grpo            # a method of policy_trainer.methods (grpo, rloo, ppo: its knobs in ppo:)
+    algorithm: grpo            # a method of policy_trainer.methods (grpo, rloo, ppo, sami, dno: knobs in ppo:, sami:, dno:)
     policy: {model: embedded}
     reward: {url: http://127.0.0.1:8000}
     principles: {set: rl, intervention: intervention, select_k: 3, schedule: [{step: 50, set: harmless}]}
@@ -19,6 +19,7 @@ from urllib.parse import urlparse
 
 from pydantic import Field, field_validator, model_validator
 
+from policy_trainer.iterative_config import DNOSettings, SAMISettings
 from policy_trainer.methods import method_names
 from policy_trainer.ppo_config import PPOSettings
 from policy_trainer.section import Section
@@ -153,6 +154,26 @@ class ShapingConfig(Section):
                                       "max_completion_length without an end-of-sequence token.")
 
 
+class RewardsConfig(Section):
+    """Which reward functions TRL combines, and their weights (TRL's reward_weights)."""
+
+    service: float = Field(default=1.0, ge=0, description="Weight of the reward service's score; 0: the run "
+                           "never contacts reward.url (the shaping terms come with the service's score).")
+    correctness: float = Field(default=0.0, ge=0, description="Weight of the exact-answer check (1 when the "
+                               "completion's last number equals the prompt's 'answer', else 0); needs 'answer' "
+                               "in every prompt record. 0: off.")
+    sar: float = Field(default=0.0, ge=0, description="Weight of SAR, the self-aligned reward computed with the "
+                       "live policy: max((ppl(a) - ppl(a|q)) / ppl(a), -1). The SAR paper: correctness 1, sar 0.2. "
+                       "0: off. GRPO and RLOO only.")
+    sar_max_batch_tokens: int = Field(default=4096, ge=1, description="Token budget of one SAR forward batch.")
+
+    @model_validator(mode="after")
+    def _some_reward(self) -> RewardsConfig:
+        if not (self.service or self.correctness or self.sar):
+            raise ValueError("every weight is 0; give service, correctness or sar a weight above 0")
+        return self
+
+
 class TrainingConfig(Section):
     max_steps: int = Field(default=20, ge=1, description="Optimizer steps.")
     learning_rate: float = Field(default=5e-5, gt=0)
@@ -234,11 +255,14 @@ class RunConfig(Section):
     reward: RewardConfig = Field(default_factory=RewardConfig)
     principles: PrinciplesConfig = Field(default_factory=PrinciplesConfig)
     shaping: ShapingConfig = Field(default_factory=ShapingConfig)
+    rewards: RewardsConfig = Field(default_factory=RewardsConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     ppo: PPOSettings = Field(default_factory=PPOSettings, description="PPO only (algorithm: ppo).")
+    sami: SAMISettings = Field(default_factory=SAMISettings, description="SAMI only (algorithm: sami).")
+    dno: DNOSettings = Field(default_factory=DNOSettings, description="DNO only (algorithm: dno).")
 
     @field_validator("algorithm")
     @classmethod
@@ -247,6 +271,14 @@ class RunConfig(Section):
         if v not in names:
             raise ValueError(f"{v!r} is not a registered method; choose one of: {', '.join(names)}")
         return v
+
+    @model_validator(mode="after")
+    def _shaping_needs_service(self) -> RunConfig:
+        sh = self.shaping
+        if not self.rewards.service and (sh.length_bonus.enabled or sh.unfinished_penalty):
+            raise ValueError("shaping: the length bonus and unfinished penalty come with the service's score; "
+                             "set rewards.service above 0 or turn them off")
+        return self
 
     @property
     def run_id(self) -> str:

@@ -53,7 +53,9 @@ def _messages(prompt: Any, where: str, system: str | None) -> list[dict[str, str
     return msgs
 
 
-def load_prompt_rows(cfg: DataConfig) -> list[dict[str, Any]]:
+def load_prompt_rows(cfg: DataConfig, require_answer: bool = False) -> list[dict[str, Any]]:
+    """Rows of {prompt, prompt_id, prompt_type}, plus ``answer`` (text) when the records give one: the
+    exact-answer reward reads it (``require_answer``: every record must have it)."""
     path = Path(cfg.prompts) if cfg.prompts else default_prompts_path()
     try:
         records = read_jsonl(path)
@@ -71,16 +73,25 @@ def load_prompt_rows(cfg: DataConfig) -> list[dict[str, Any]]:
             raise UserError(f"{where}: field 'type' must be one of {', '.join(PROMPT_TYPES)}")
         if cfg.types and ptype not in cfg.types:
             continue
-        rows.append({"prompt": _messages(rec["prompt"], where, cfg.system_prompt),
-                     "prompt_id": str(rec.get("id", f"line-{n}")), "prompt_type": ptype})
+        if require_answer and rec.get("answer") is None:
+            raise UserError(f"{where}: field 'answer' is required by rewards.correctness (the exact answer "
+                            "the completion's last number must equal)")
+        row = {"prompt": _messages(rec["prompt"], where, cfg.system_prompt),
+               "prompt_id": str(rec.get("id", f"line-{n}")), "prompt_type": ptype}
+        if rec.get("answer") is not None:
+            row["answer"] = str(rec["answer"])
+        rows.append(row)
         if cfg.max_prompts and len(rows) >= cfg.max_prompts:
             break
+    if any("answer" in r for r in rows):  # one schema for the dataset: a column every row has
+        for r in rows:
+            r.setdefault("answer", None)
     if not rows:
         raise UserError(f"data.prompts: {path} has no prompts" + (f" of types {cfg.types}" if cfg.types else ""))
     return rows
 
 
-def load_prompt_dataset(cfg: DataConfig):
+def load_prompt_dataset(cfg: DataConfig, require_answer: bool = False):
     from datasets import Dataset
 
-    return Dataset.from_list(load_prompt_rows(cfg))
+    return Dataset.from_list(load_prompt_rows(cfg, require_answer))

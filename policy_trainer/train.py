@@ -33,6 +33,7 @@ from policy_trainer.config import RunConfig
 from policy_trainer.methods import BuildContext, get_method
 from policy_trainer.report import StepTimer, build_report, write_report
 from policy_trainer.reward_service import RewardService, TrainingAborted, connect
+from policy_trainer.self_reward import LocalRewards
 from salmon.atomic import atomic_write_json
 from salmon.errors import UserError
 from salmon_client.client import RewardServiceError
@@ -151,7 +152,8 @@ def run_training(config: RunConfig, *, callbacks: list[TrainerCallback] | None =
     out = cfg.output.output_dir
     out.mkdir(parents=True, exist_ok=True)
     model_dir = _policy_dir(cfg)
-    reward = connect(cfg, model_dir, run_id) if method.uses_reward_service else None
+    reward = connect(cfg, model_dir, run_id) if method.uses_reward_service and cfg.rewards.service else None
+    local = LocalRewards.from_config(cfg)
 
     timer = StepTimer(reward.score.wait_by_step, reward.score.set_by_step) if reward else StepTimer({}, {})
     saver = _SalmonState(timer, run_id, reward)
@@ -159,9 +161,10 @@ def run_training(config: RunConfig, *, callbacks: list[TrainerCallback] | None =
     _resume(ckpt, run_id, timer, reward)
 
     trainer = method.build(BuildContext(cfg, model_dir, callbacks=[timer, saver, *(callbacks or [])],
-                                        reward=reward))
+                                        reward=reward, local=local))
     if reward is not None:
         reward.bind(trainer)
+    local.bind(trainer)  # SAR scores with this trainer's live policy
     handler = getattr(trainer, "callback_handler", None)
     if handler is not None:  # a TRL trainer; ours (PPO) hands the timer its own writer when training starts
         from transformers.integrations import TensorBoardCallback

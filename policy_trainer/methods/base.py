@@ -22,6 +22,7 @@ from pydantic import BaseModel
 if TYPE_CHECKING:
     from policy_trainer.config import RunConfig
     from policy_trainer.reward_service import RewardService
+    from policy_trainer.self_reward import LocalRewards
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -50,13 +51,30 @@ class BuildContext:
     cfg: RunConfig
     model_dir: Path
     callbacks: list[Any] = field(default_factory=list)  # the runner's (timer, state saver), then the caller's
-    reward: RewardService | None = None                  # set exactly when the method uses the reward service
+    reward: RewardService | None = None                  # set when the method uses the service and rewards.service > 0
+    local: LocalRewards | None = None                    # in-trainer rewards (correctness, SAR), bound after build
 
     def prompt_dataset(self) -> Any:
-        """The run's prompts (``data:``) as a datasets.Dataset of {prompt, prompt_id, prompt_type}."""
+        """The run's prompts (``data:``) as a datasets.Dataset of {prompt, prompt_id, prompt_type[, answer]}."""
         from policy_trainer.data import load_prompt_dataset
 
-        return load_prompt_dataset(self.cfg.data)
+        return load_prompt_dataset(self.cfg.data, require_answer=bool(self.cfg.rewards.correctness))
+
+    def trl_rewards(self) -> tuple[list[Any], list[float]]:
+        """TRL's ``reward_funcs`` and ``reward_weights``: the service's score (weight ``rewards.service``) and
+        its shaping terms (weight 1) when the run uses the service, then the in-trainer rewards."""
+        funcs: list[Any] = []
+        weights: list[float] = []
+        if self.reward is not None:
+            funcs += self.reward.reward_funcs
+            weights += [self.cfg.rewards.service] + [1.0] * (len(funcs) - 1)
+        if self.local is not None:
+            more, w = self.local.funcs_and_weights()
+            funcs += more
+            weights += w
+        if not funcs:
+            raise RuntimeError("no reward function: rewards.service is 0 and no in-trainer reward is on")
+        return funcs, weights
 
     def reward_service(self) -> RewardService:
         """The reward service, for a method that declared ``uses_reward_service``."""

@@ -20,8 +20,9 @@ def grpo_args(ctx: BuildContext) -> dict[str, Any]:
 def build(ctx: BuildContext) -> Any:
     from trl import GRPOConfig, GRPOTrainer
 
-    args = GRPOConfig(**common_args(ctx.cfg), **online_args(ctx.cfg), **grpo_args(ctx))
-    return GRPOTrainer(model=str(ctx.model_dir), args=args, reward_funcs=ctx.reward_service().reward_funcs,
+    funcs, weights = ctx.trl_rewards()
+    args = GRPOConfig(**common_args(ctx.cfg), **online_args(ctx.cfg), **grpo_args(ctx), reward_weights=weights)
+    return GRPOTrainer(model=str(ctx.model_dir), args=args, reward_funcs=funcs,
                        train_dataset=ctx.prompt_dataset(), peft_config=peft_config(ctx.cfg), callbacks=ctx.callbacks)
 
 

@@ -16,8 +16,9 @@ def rloo_args(ctx: BuildContext) -> dict[str, Any]:
 def build(ctx: BuildContext) -> Any:
     from trl import RLOOConfig, RLOOTrainer
 
-    args = RLOOConfig(**common_args(ctx.cfg), **online_args(ctx.cfg), **rloo_args(ctx))
-    return RLOOTrainer(model=str(ctx.model_dir), args=args, reward_funcs=ctx.reward_service().reward_funcs,
+    funcs, weights = ctx.trl_rewards()
+    args = RLOOConfig(**common_args(ctx.cfg), **online_args(ctx.cfg), **rloo_args(ctx), reward_weights=weights)
+    return RLOOTrainer(model=str(ctx.model_dir), args=args, reward_funcs=funcs,
                        train_dataset=ctx.prompt_dataset(), peft_config=peft_config(ctx.cfg), callbacks=ctx.callbacks)
 
 

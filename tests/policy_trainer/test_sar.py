@@ -176,3 +176,30 @@ def test_grpo_correctness_plus_sar_without_the_service(tmp_path, tiny_model_dir)
         # TRL's total is the weighted sum: correctness + 0.2 * SAR
         assert h["reward"] == pytest.approx(h["rewards/correctness/mean"] + 0.2 * h["rewards/sar/mean"], abs=1e-5)
     assert not any(k.startswith("rewards/salmon_rm") for h in result.log_history for k in h)
+
+
+def test_sar_compare_writes_both_runs_and_the_heldout_report(tmp_path, tiny_model_dir):
+    import json
+
+    import yaml
+
+    from policy_trainer.sar_compare import main
+
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(json.dumps(r) + "\n" for r in arith_questions()[1][:3]))
+    cfg = tiny_run_config(tmp_path, tiny_model_dir, "http://127.0.0.1:9",
+                          data={"prompts": str(TOYDATA / "arith_train.jsonl"), "max_prompts": 4},
+                          rewards={"service": 0, "correctness": 1.0})
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["--config", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "cmp"), "--steps", "1",
+                 "--heldout", str(held), "--max-new-tokens", "6"]) == 0
+    rep = json.loads((tmp_path / "cmp" / "sar_compare.json").read_text())
+    assert set(rep["heldout"]) == {"initial", "correctness", "correctness+sar"}
+    assert (tmp_path / "cmp" / "sar_compare.png").stat().st_size > 1000
+    for name, answers in rep["answers"].items():
+        assert len(answers) == 3
+        s = rep["heldout"][name]
+        assert s["accuracy"] == sum(a["correct"] for a in answers) / 3
+        assert 1 <= s["mean_tokens"] <= 6
+    sar_steps = rep["train_reward"]["correctness+sar"]
+    assert sar_steps and sar_steps[0]["sar"] is not None and rep["train_reward"]["correctness"][0]["sar"] is None

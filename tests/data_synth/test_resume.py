@@ -116,14 +116,15 @@ def resume_through_kills(args: list[str], root: Path, stage_dirs: list[Path], ki
     """Run ``args`` killed as ``kills`` say (("write", hook spec) or ("at", seconds)), each run resuming
     the last, then once to the end. After each rerun the shards finished before it are unchanged.
     Returns how many finished shards each rerun found (and so had to skip)."""
-    skipped = []
+    skipped: list[int] = []
+    finished_first: list[object] = []
     for kind, what in kills:
         before = snapshot(stage_dirs)
         if kind == "write":
             kill_inside_write(args, str(what))
             assert [p for p in temps(root) if p.name.endswith(".tmp")], f"{what}: no half-written temp file"
-        else:
-            kill_after(args, float(what))
+        elif kill_after(args, float(what)) != -signal.SIGKILL:
+            finished_first.append(what)  # it ended before the moment came: a clean rerun, still checked
         assert_untouched(before)
         skipped.append(len(before))
     before = snapshot(stage_dirs)
@@ -131,6 +132,8 @@ def resume_through_kills(args: list[str], root: Path, stage_dirs: list[Path], ki
     assert_untouched(before)
     skipped.append(len(before))
     assert not temps(root), temps(root)
+    if finished_first and len(kills) == 1:  # a fresh start killed at a moment within a clean run's time
+        raise AssertionError(f"the kill at {finished_first[0]:.1f} s came after the run had finished")
     return skipped
 
 
@@ -175,8 +178,8 @@ def test_sample_and_judge_resume_after_kills_inside_writes_and_at_random_moments
     jkilled = tmp_path / "jkilled"
     skipped = resume_through_kills([*judge_args, "--out", str(jkilled)], jkilled, [jkilled], [
         ("write", f"*/shard-*.jsonl:{rng.randint(2, pairs - 1)}"),
-        ("at", rng.uniform(0.5, 0.9) * clean_s),
         ("write", f"*/manifest.json:{rng.randint(1, 2)}"),
+        ("at", rng.uniform(0.5, 0.9) * clean_s),  # last: wherever it lands, no later kill misses its write
     ])
     assert max(skipped) >= 1, skipped
     assert tree(jkilled) == tree(tmp_path / "jclean")
@@ -204,9 +207,9 @@ def run_config(tmp_path: Path, model: Path, prompts: Path, work: Path) -> Path:
 def test_synth_run_resumes_every_stage_to_a_clean_runs_bytes_and_one_version(tmp_path, tiny_model_dir,
                                                                              prompt_file):
     """`salmon synth run` killed in each stage in turn (sample, judge, aggregate, the publish's staging
-    manifest, the CURRENT switch after the version is in place) and at a random moment. The clean run
-    and the killed one use the same paths (the clean tree is moved away), so manifests that record
-    paths compare byte for byte."""
+    manifest, the CURRENT switch after the version is in place), then, from scratch, at a random moment.
+    The clean run and the killed ones use the same paths (the clean tree is moved away), so manifests
+    that record paths compare byte for byte."""
     rng = random.Random(SEED + 1)
     work = tmp_path / "w"
     args = ["synth", "run", "--config", str(run_config(tmp_path, tiny_model_dir, prompt_file, work))]
@@ -214,7 +217,6 @@ def test_synth_run_resumes_every_stage_to_a_clean_runs_bytes_and_one_version(tmp
     shutil.move(work, tmp_path / "clean")
     stage_dirs = [work / "run" / "sample", work / "run" / "judge"]
     skipped = resume_through_kills(args, work, stage_dirs, [
-        ("at", rng.uniform(0.3, 0.7) * clean_s),
         ("write", f"*/sample/shard-*.jsonl:{rng.randint(1, 2)}"),
         ("write", f"*/judge/shard-*.jsonl:{rng.randint(1, 3)}"),
         ("write", f"*/aggregate/{rng.choice(['train', 'eval'])}.jsonl:1"),
@@ -223,16 +225,21 @@ def test_synth_run_resumes_every_stage_to_a_clean_runs_bytes_and_one_version(tmp
     ])
     # From the publish kill on, every sample and judge shard was finished and each rerun kept it.
     shards = len(list((tmp_path / "clean" / "run").glob("*/shard-*.jsonl")))
-    assert shards >= 6 and skipped[4:] == [shards] * 3, skipped
-    assert tree(work) == tree(tmp_path / "clean")
+    assert shards >= 6 and skipped[3:] == [shards] * 3, skipped
+    clean = tree(tmp_path / "clean")
+    assert tree(work) == clean
     assert sorted(p.name for p in (work / "registry").iterdir()) == ["CURRENT", "v0001"]
     assert (work / "registry" / "CURRENT").read_text() == "v0001\n"
+    # A kill at a random moment, on a fresh start of its own (wherever it lands, the rerun finishes).
+    shutil.rmtree(work)
+    resume_through_kills(args, work, stage_dirs, [("at", rng.uniform(0.3, 0.9) * clean_s)])
+    assert tree(work) == clean
 
 
 def test_aggregate_and_rm_train_resume_alone(tmp_path, tiny_model_dir, prompt_file):
     """The stage commands on their own: `synth aggregate` killed inside each of its writes, and
-    `salmon rm-train` killed during training, inside the publish and inside the CURRENT switch; the
-    rerun after the last finds its version published and does not publish a second."""
+    `salmon rm-train` killed inside the publish and inside the CURRENT switch (the rerun after the last
+    finds its version published and does not publish a second), then, from scratch, at a random moment."""
     rng = random.Random(SEED + 2)
     work = tmp_path / "w"
     run_ok(["synth", "run", "--config", str(run_config(tmp_path, tiny_model_dir, prompt_file, work))])
@@ -255,11 +262,15 @@ def test_aggregate_and_rm_train_resume_alone(tmp_path, tiny_model_dir, prompt_fi
     clean_s = timed([*train_args, "--registry", str(reg)])
     shutil.move(reg, tmp_path / "reg_clean")
     resume_through_kills([*train_args, "--registry", str(reg)], reg, [], [
-        ("at", rng.uniform(0.3, 0.7) * clean_s),
         ("write", "*/.staging-*/manifest.json:1"),
         ("write", "*/reg/CURRENT:1"),
     ])
     assert sorted(p.name for p in reg.iterdir()) == ["CURRENT", "v0001"]
     r = run_ok([*train_args, "--registry", str(reg)])  # once more: the same version, nothing new
     assert json.loads(r.stdout)["version"] == "v0001" and json.loads(r.stdout)["reused"] is True
-    assert tree(reg) == tree(tmp_path / "reg_clean")
+    clean = tree(tmp_path / "reg_clean")
+    assert tree(reg) == clean
+    # A kill at a random moment (training, most likely), on a fresh registry of its own.
+    shutil.rmtree(reg)
+    resume_through_kills([*train_args, "--registry", str(reg)], reg, [], [("at", rng.uniform(0.3, 0.9) * clean_s)])
+    assert tree(reg) == clean

@@ -151,9 +151,19 @@ def test_soak_service_trainer_and_watch_together(tmp_path, tiny_model_dir, monke
             watch_log.close()
     elapsed = time.monotonic() - t0
 
-    # 0 failed reward calls
+    # Figures first, so a failing run still reports them.
     attempts = [c for c in wire.calls if c["path"] == "/v1/score"]
     bad = [c for c in wire.calls if c["status"] not in (200, 201)]
+    published = Registry(registry).versions()[1:]
+    figs = {name: sampler.figures(name) for name in ("service", "watch", "trainer")}
+    record("soak: serve + GRPO + synth watch", duration_s=round(elapsed), steps=result.global_step,
+           min_new_pairs=int(os.environ.get("SALMON_SOAK_MIN_PAIRS", "4")),
+           reward_calls=len(attempts), failed_calls=len(bad), publishes=len(published),
+           first_step_scored_by={v: first_seen[v] for v in sorted(first_seen)},
+           **{f"{n}_{k}": round(v, 1) if "rss" in k else v for n, f in figs.items() for k, v in f.items()
+              if k.endswith(("start", "mid", "end", "max"))})
+
+    # 0 failed reward calls
     assert not bad, [(c["method"], c["path"], c["status"], c["error"]) for c in bad[:5]]
     assert len([c for c in wire.calls if c["method"] == "PUT"]) == 1
     # the trainer's reward log equals the service's responses
@@ -167,18 +177,10 @@ def test_soak_service_trainer_and_watch_together(tmp_path, tiny_model_dir, monke
         assert logged[s] == pytest.approx(mean(returned), abs=1e-5)
         assert sorted(r["reward"] for r in rows if r["step"] == s) == pytest.approx(sorted(returned), abs=1e-6)
     # at least two publishes, each then scoring the trainer's rollouts
-    published = Registry(registry).versions()[1:]
     assert len(published) >= 2 and {"v0002", "v0003"} <= set(first_seen), (published, first_seen)
     # flat resources, no leftovers
-    figs = {name: sampler.figures(name) for name in ("service", "watch", "trainer")}
     for name in ("service", "watch"):
         f = figs[name]
         assert f["rss_end"] - f["rss_mid"] < 64, (name, f)
         assert f["fds_end"] - f["fds_mid"] <= 4, (name, f)
     assert not _temps(registry, rollouts, work, run_dir)
-    record("soak: serve + GRPO + synth watch", duration_s=round(elapsed), steps=result.global_step,
-           min_new_pairs=int(os.environ.get("SALMON_SOAK_MIN_PAIRS", "4")),
-           reward_calls=len(attempts), failed_calls=len(bad), publishes=len(published),
-           first_step_scored_by={v: first_seen[v] for v in sorted(first_seen)},
-           **{f"{n}_{k}": round(v, 1) if "rss" in k else v for n, f in figs.items() for k, v in f.items()
-              if k.endswith(("start", "mid", "end", "max"))})

@@ -15,20 +15,19 @@ from typing import Any
 from salmon.atomic import atomic_write_jsonl
 
 TOYDATA = Path(__file__).resolve().parent / "toydata"
-OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
-WORDS = {"+": "plus", "-": "minus", "*": "times"}
+OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "×": lambda a, b: a * b}
 
 
 def arith_questions(n_train: int = 64, n_heldout: int = 32, seed: int = 0) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Disjoint train and held-out questions ``What is a <op> b?`` (operands 2-20, products up to 12 x 12)."""
     rng = random.Random(seed)
     pool = sorted({(a, op, b) for op in OPS for a in range(2, 21) for b in range(2, 21)
-                   if (op != "*" or (a <= 12 and b <= 12)) and (op != "-" or a >= b)})
+                   if (op != "×" or (a <= 12 and b <= 12)) and (op != "-" or a >= b)})
     rng.shuffle(pool)
     picked = pool[:n_train + n_heldout]
 
     def record(split: str, i: int, a: int, op: str, b: int) -> dict[str, Any]:
-        return {"id": f"arith-{split}-{i:03d}", "prompt": f"What is {a} {WORDS[op]} {b}?", "type": "reasoning",
+        return {"id": f"arith-{split}-{i:03d}", "prompt": f"What is {a} {op} {b}?", "type": "reasoning",
                 "answer": str(OPS[op](a, b))}
 
     train = [record("train", i, *q) for i, q in enumerate(picked[:n_train])]

@@ -160,8 +160,8 @@ class RewardsConfig(Section):
     service: float = Field(default=1.0, ge=0, description="Weight of the reward service's score; 0: the run "
                            "never contacts reward.url (the shaping terms come with the service's score).")
     correctness: float = Field(default=0.0, ge=0, description="Weight of the exact-answer check (1 when the "
-                               "completion's last number equals the prompt's 'answer', else 0); needs 'answer' "
-                               "in every prompt record. 0: off.")
+                               "completion's answer, the number after its last '=' else its last number, equals "
+                               "the prompt's 'answer', else 0); needs 'answer' in every prompt record. 0: off.")
     sar: float = Field(default=0.0, ge=0, description="Weight of SAR, the self-aligned reward computed with the "
                        "live policy: max((ppl(a) - ppl(a|q)) / ppl(a), -1). The SAR paper: correctness 1, sar 0.2. "
                        "0: off. GRPO and RLOO only.")

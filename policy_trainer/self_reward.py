@@ -7,7 +7,9 @@
   question makes more likely than it is on its own scores up to 1; one the question makes less
   likely scores down to −1 (the clip). Written as ``1 − exp(nll(a|q) − nll(a))`` with ``nll`` the
   mean negative log-likelihood per answer token, which is the same quantity without overflowing.
-- **Correctness**: 1 when the completion's last number equals the prompt's ``answer`` column, else 0.
+- **Correctness**: 1 when the completion's answer equals the prompt's ``answer`` column, else 0. The
+  answer is the number right after the last ``=`` when there is one ("7 + 5 = 12. This shows …"),
+  else the last number written: small models state the result and then keep talking.
 
 Both are TRL reward functions (sync callables with a ``__name__``), combined with the service's
 score by TRL's ``reward_weights`` (``rewards:`` in the run config; the SAR paper: correctness 1 +
@@ -44,7 +46,12 @@ def sar_from_ppl(ppl_cond: float, ppl_uncond: float) -> float:
 
 
 def final_number(text: str) -> float | None:
-    """The last number written in ``text`` (thousands commas dropped), or None."""
+    """The answer a text states: the number right after its last ``=``, else its last number (thousands
+    commas dropped), or None."""
+    if "=" in text:
+        after = NUMBER_RE.match(text.rsplit("=", 1)[1].lstrip(" $"))
+        if after:
+            return float(after.group().replace(",", ""))
     found = NUMBER_RE.findall(text)
     if not found:
         return None
@@ -55,7 +62,7 @@ def final_number(text: str) -> float | None:
 
 
 def is_correct(completion: str, answer: Any) -> bool:
-    """Exact-answer check: the completion's last number equals ``answer`` (a number or its text)."""
+    """Exact-answer check: the completion's stated answer (:func:`final_number`) equals ``answer``."""
     want = final_number(str(answer))
     got = final_number(completion)
     return want is not None and got is not None and math.isclose(got, want, rel_tol=0, abs_tol=1e-9)
@@ -68,7 +75,7 @@ def _text(completion: Any) -> str:
 
 
 class CorrectnessReward:
-    """TRL reward function: 1.0 when the completion's final number is the row's ``answer``, else 0.0."""
+    """TRL reward function: 1.0 when the completion states the row's ``answer`` (:func:`final_number`), else 0.0."""
 
     __name__ = "correctness"
 

@@ -45,6 +45,9 @@ def test_sar_does_not_overflow_on_far_apart_likelihoods():
     ("7 + 5 = 12", "12", True),
     ("It is 1,320 in total", "1320", True),
     ("12 apples, so 13", "12", False),   # the last number counts
+    ("14 - 13 = 1\n\nThis is a classic example of 2 numbers", "1", True),  # the number after the last '='
+    ("3 × 4 = 12. So 12 it is, not 13", "12", True),
+    ("2 + 2 = 5", "4", False),
     ("-3", "-3", True),
     ("no number here", "3", False),
     ("3.5", "3", False),
@@ -132,7 +135,7 @@ def test_toy_arith_files_are_the_generator_output_and_held_out_is_disjoint():
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in held}
     for r in train + held:
         a, op, b = r["prompt"].removeprefix("What is ").removesuffix("?").split()
-        want = {"plus": int(a) + int(b), "minus": int(a) - int(b), "times": int(a) * int(b)}[op]
+        want = {"+": int(a) + int(b), "-": int(a) - int(b), "×": int(a) * int(b)}[op]
         assert r["answer"] == str(want)
 
 

@@ -83,9 +83,10 @@ def toy_method():
 
 def test_builtin_methods_in_order_and_all_on_the_reward_service():
     assert method_names()[:3] == ["grpo", "rloo", "ppo"]
-    assert [m.name for m in table.BUILTIN] == ["grpo", "rloo", "ppo"]
-    assert all(m.uses_reward_service for m in table.BUILTIN)
+    assert [m.name for m in table.BUILTIN] == ["grpo", "rloo", "ppo", "sami", "dno"]
+    assert all(m.uses_reward_service for m in table.BUILTIN)  # sami too: it is evaluated by the service
     assert get_method("ppo").section == "ppo"
+    assert (get_method("sami").section, get_method("dno").section) == ("sami", "dno")
 
 
 def test_every_method_section_is_the_run_config_field_of_its_model():
@@ -109,14 +110,14 @@ def test_unknown_algorithm_is_one_line_listing_the_registered_methods(tmp_path):
 
 def test_a_method_registered_later_is_offered_by_config_cli_and_demo(toy_method, tmp_path, capsys):
     assert load_run_config(None, {"algorithm": "toy"}).algorithm == "toy"
-    with pytest.raises(UserError, match=r"choose one of: grpo, rloo, ppo, toy"):
+    with pytest.raises(UserError, match=r"choose one of: grpo, rloo, ppo, sami, dno, toy"):
         load_run_config(None, {"algorithm": "toy2"})
 
     from policy_trainer.cli import _parser
     from policy_trainer.cli import main as train_main
 
     choices = next(a.choices for a in _parser()._actions if a.dest == "algorithm")
-    assert list(choices) == ["grpo", "rloo", "ppo", "toy"]
+    assert list(choices) == ["grpo", "rloo", "ppo", "sami", "dno", "toy"]
     assert train_main(["train", "--algorithm", "toy", "--print-config"]) == 0
     assert "algorithm: toy" in capsys.readouterr().out
     assert "a test method without the reward service" in _parser().format_help()

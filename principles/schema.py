@@ -79,12 +79,49 @@ class Principle(BaseModel):
         return v
 
 
+class RubricScale(BaseModel):
+    """A rating scale for rubric scoring: its ends and what the response does at anchored ratings.
+
+    The anchors speak of "the principle" and apply to each principle of the set in turn, e.g.
+    ``{scale: [1, 10], anchors: {1: "The response ignores the principle.", 10: "... follows it fully."}}``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    scale: tuple[int, int] = Field(description="Lowest and highest rating, e.g. [1, 10] (I-SHEEP) or [1, 6] (DNO).")
+    anchors: dict[int, str] = Field(description="Rating -> what a response at that rating does; the two ends "
+                                    "at least.")
+
+    @model_validator(mode="after")
+    def _anchored(self) -> RubricScale:
+        lo, hi = self.scale
+        if not 0 <= lo < hi <= 100:
+            raise ValueError(f"scale: [{lo}, {hi}] must be two ratings 0 <= low < high <= 100, e.g. [1, 10]")
+        outside = sorted(k for k in self.anchors if not lo <= k <= hi)
+        if outside:
+            raise ValueError(f"anchors: ratings {outside} are outside the scale [{lo}, {hi}]")
+        if lo not in self.anchors or hi not in self.anchors:
+            raise ValueError(f"anchors: give an anchor for both ends of the scale ({lo} and {hi})")
+        for k, text in self.anchors.items():
+            if not text.strip():
+                raise ValueError(f"anchors: the text of rating {k} is empty")
+            if len(text) > MAX_DEFINITION_CHARS:
+                raise ValueError(f"anchors: the text of rating {k} is {len(text)} characters; keep it under "
+                                 f"{MAX_DEFINITION_CHARS}")
+        return self
+
+    def levels(self) -> list[int]:
+        return sorted(self.anchors)
+
+
 class PrincipleSet(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
     description: str = ""
     principles: tuple[Principle, ...]
+    rubric: RubricScale | None = Field(default=None, description="Optional: the rating scale and its anchors "
+                                       "for rubric scoring (POST /v1/score with mode rubric).")
 
     @field_validator("name")
     @classmethod
@@ -105,7 +142,10 @@ class PrincipleSet(BaseModel):
         return self
 
     def canonical(self) -> dict:
-        return self.model_dump(mode="json")
+        out = self.model_dump(mode="json")
+        if out.get("rubric") is None:
+            out.pop("rubric", None)  # a set without a rubric keeps the hash it had before rubrics existed
+        return out
 
     @cached_property
     def hash(self) -> str:
@@ -132,6 +172,7 @@ class PrincipleSet(BaseModel):
             name=name or self.name,
             description=self.description,
             principles=tuple(self.get(n) for n in wanted),
+            rubric=self.rubric,
         )
 
 

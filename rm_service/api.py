@@ -84,8 +84,10 @@ router = APIRouter(responses=ERRORS)
 
 
 @router.post("/v1/score", response_model=ScoreResponse, dependencies=api_key)
-async def score(req: ScoreRequest, service: ServiceDep) -> ScoreResponse:
-    return await service.score(req)
+async def score(req: ScoreRequest, service: ServiceDep,
+                x_score_mode: Annotated[str | None, Header()] = None) -> ScoreResponse:
+    # The header lets a client that sends no 'mode' field (e.g. through its headers= argument) pick one.
+    return await service.score(req, x_score_mode)
 
 
 @router.post("/get_reward", response_model=RewardResponse, dependencies=api_key)

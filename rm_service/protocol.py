@@ -9,6 +9,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from principles.schema import RubricScale
+
+ScoreMode = Literal["pointwise", "rubric", "listwise"]
+
 
 def _valid_unicode(v: str) -> str:
     # JSON lets "\ud800" through as a lone surrogate: not text, and it breaks hashing and tokenizers later.
@@ -58,6 +62,13 @@ class ScoreRequest(BaseModel):
         default=None, description="Inline principles; win over principle_set. A string is a definition.")
     negate: list[Text] = Field(default_factory=list, description="Names of principles to negate (negative definitions).")
     truncate: bool = Field(default=True, description="Truncate over-long prompts from the start; false → 422.")
+    mode: ScoreMode | None = Field(
+        default=None, description="pointwise (default): one score per item. rubric: per-principle ratings on "
+        "the set's scale (its 'rubric' anchors, or this request's 'rubric'); the item's score is their mean. "
+        "listwise: the items sharing a prompt are ranked together (ranks, and scores read against the "
+        "other candidates). Else the X-Score-Mode header.")
+    rubric: RubricScale | None = Field(
+        default=None, description="The scale and anchors for mode rubric; wins over the set's own.")
 
     @field_validator("principles")
     @classmethod
@@ -80,6 +91,14 @@ class ScoreResponse(BaseModel):
     principle_set: str | None = Field(default=None, description="name@hash of the set used (inline: 'inline@hash').")
     truncated: list[int] = Field(default_factory=list, description="Indices of items whose prompt was truncated.")
     usage: Usage
+    mode: ScoreMode = Field(default="pointwise", description="The mode that produced these scores.")
+    rubric: list[dict[str, float]] | None = Field(
+        default=None, description="mode rubric: per item, principle name -> rating on the scale.")
+    scale: tuple[int, int] | None = Field(default=None, description="mode rubric: the scale's ends.")
+    ranks: list[int] | None = Field(default=None, description="mode listwise: per item, its rank in its list "
+                                    "(1 = best; ties share a rank).")
+    lists: list[int] | None = Field(default=None, description="mode listwise: per item, the list (one per "
+                                    "distinct prompt, in order of first appearance) it was ranked in.")
 
 
 class RewardRequest(BaseModel):

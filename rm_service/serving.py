@@ -21,10 +21,12 @@ from principles.schema import (
     Principle,
     PrincipleSet,
     PrincipleSetError,
+    RubricScale,
     load_builtin_sets,
     load_principle_set,
     parse_principle_set,
 )
+from rm_core.modes import Plan, plan_listwise, plan_rubric
 from rm_core.prefix_cache import PrefixCache
 from rm_core.registry import Registry, RegistryError
 from rm_core.render import PROMPT_FORMAT_VERSION, RenderError
@@ -279,6 +281,10 @@ class ScoreService:
     # -- stages -------------------------------------------------------------------------------
     def _principles(self, req: ScoreRequest) -> tuple[list[Principle], str, str]:
         """(principles, set hash, set ref) for a request: inline wins over a named set."""
+        s = self._set(req)
+        return list(s.principles), s.hash, s.ref
+
+    def _set(self, req: ScoreRequest) -> PrincipleSet:
         if req.principles is not None:
             if len(req.principles) > self.settings.max_principles:
                 raise PayloadTooLarge(f"{len(req.principles)} inline principles; the limit is "
@@ -293,7 +299,7 @@ class ScoreService:
                 raise InvalidRequest(str(e), param="principles") from None
         else:
             s = self.sets.resolve(req.principle_set)
-        return list(s.principles), s.hash, s.ref
+        return s
 
     def _check_limits(self, req: ScoreRequest) -> None:
         st = self.settings
@@ -325,14 +331,70 @@ class ScoreService:
         except Exception as e:
             raise ScoringFailed(f"the model failed on this batch: {type(e).__name__}: {e}") from e
 
-    async def score(self, req: ScoreRequest) -> ScoreResponse:
+    def _plan(self, scorer: Scorer, principles: list[Principle], scale: RubricScale | None, req: ScoreRequest,
+              mode: str) -> Plan:
+        """Rubric and listwise requests as ordinary prepared items (rm_core.modes); errors name the item."""
+        items = [(it.prompt if isinstance(it.prompt, str) else [m.model_dump() for m in it.prompt], it.response)
+                 for it in req.items]
+        negate = () if mode == "rubric" else tuple(req.negate)  # rubric levels carry the negation themselves
+
+        def prepare(i: int, plist, prompt, response) -> Prepared:
+            try:
+                return scorer.prepare(plist, prompt, response, negate, req.truncate)
+            except RenderError as e:
+                raise InvalidRequest(f"items[{i}]: {e}", param=f"items.{i}") from None
+
+        if mode == "rubric":
+            return plan_rubric(prepare, principles, scale, items, req.negate)
+        return plan_listwise(prepare, principles, items)
+
+    def _rubric_scale(self, req: ScoreRequest, principles: list[Principle]) -> RubricScale:
+        scale = req.rubric or self._set(req).rubric
+        if scale is None:
+            where = "inline principles" if req.principles is not None else f"principle set {req.principle_set or self.sets.default!r}"
+            raise InvalidRequest(f"mode rubric needs a rating scale: the {where} has no 'rubric' "
+                                 "({scale: [1, 10], anchors: {1: ..., 10: ...}}); add one to the set or send "
+                                 "'rubric' with the request", param="rubric")
+        for k, text in scale.anchors.items():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidRequest(f"rubric anchor {k} contains an unpaired surrogate; send valid Unicode text",
+                                     param="rubric") from None
+        bad = [p.name for p in principles if p.name in req.negate and not p.negative_definition]
+        if bad:
+            raise InvalidRequest(f"negate names {bad}, which have no negative_definition to rate against",
+                                 param="negate")
+        n = len(req.items) * len(principles) * len(scale.anchors)
+        if n > self.settings.max_queue_items:
+            raise PayloadTooLarge(f"mode rubric scores items x principles x anchors = {n} sequences; the limit "
+                                  f"is {self.settings.max_queue_items} (max_queue_items). Send fewer items",
+                                  param="items")
+        return scale
+
+    async def score(self, req: ScoreRequest, header_mode: str | None = None) -> ScoreResponse:
         self._check_limits(req)
+        mode = req.mode or header_mode or "pointwise"
+        if mode not in {"pointwise", "rubric", "listwise"}:
+            raise InvalidRequest(f"X-Score-Mode {mode!r} is not a mode; use pointwise, rubric or listwise",
+                                 param="mode")
         principles, set_hash, set_ref = self._principles(req)
         unknown = [n for n in req.negate if n not in {p.name for p in principles}]
         if unknown:
             raise InvalidRequest(f"negate names {unknown}, which are not in the principles "
                                  f"{[p.name for p in principles]}", param="negate")
+        scale = self._rubric_scale(req, principles) if mode == "rubric" else None
         scorer = self.scorer()
+        if mode != "pointwise":
+            plan = await asyncio.to_thread(self._plan, scorer, principles, scale, req, mode)
+            result = await self._run(plan.prepared)
+            out = plan.fold(result.scores)
+            return ScoreResponse(
+                scores=out.scores, model_version=scorer.version, scorer=scorer.kind,
+                principle_set_hash=set_hash, principle_set=set_ref,
+                truncated=[i for i, t in enumerate(out.truncated) if t],
+                usage=Usage(tokens=result.tokens, cached_tokens=result.cached_tokens), mode=mode,
+                rubric=out.rubric, scale=scale.scale if scale else None, ranks=out.ranks, lists=out.lists)
         prepared = await asyncio.to_thread(self._prepare, scorer, principles, req)
         result = await self._run(prepared)
         return ScoreResponse(

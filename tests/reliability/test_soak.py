@@ -9,7 +9,8 @@ version up by itself and the trainer's next rewards come from it. Required:
   scores the service returned (each item once) and the logged mean is their mean;
 - at least two publishes by the watch, each then named by the service's answers to the trainer;
 - RSS and open file descriptors of the service and the watch flat: sampled every 2 s, the second
-  half of the run grows RSS by < 64 MB and fds by <= 4 (start/end figures are recorded);
+  half of the run grows RSS by < 64 MB (full form; < 128 MB in the CI form, whose second half holds
+  the reloads) and fds by <= 4 (start/end figures are recorded);
 - no temp file, staging directory or half-written checkpoint left anywhere.
 
 The CI form runs until the service has answered with the second published version for a few steps
@@ -43,6 +44,9 @@ from tests.rm_service.helpers import publish_tiny_version
 SOAK_S = float(os.environ.get("SALMON_SOAK_S", "0"))  # 0: the CI form
 CI_DEADLINE_S = 300
 STEPS_AFTER_SECOND_PUBLISH = 3
+# RSS growth allowed over the second half. The CI form's second half holds the reloads of the new
+# versions (each loads a model and refills the prefix cache); the full form's is steady state.
+RSS_GROWTH_MB = 64 if SOAK_S else 128
 
 
 class Sampler(threading.Thread):
@@ -181,6 +185,6 @@ def test_soak_service_trainer_and_watch_together(tmp_path, tiny_model_dir, monke
     # flat resources, no leftovers
     for name in ("service", "watch"):
         f = figs[name]
-        assert f["rss_end"] - f["rss_mid"] < 64, (name, f)
+        assert f["rss_end"] - f["rss_mid"] < RSS_GROWTH_MB, (name, f)
         assert f["fds_end"] - f["fds_mid"] <= 4, (name, f)
     assert not _temps(registry, rollouts, work, run_dir)

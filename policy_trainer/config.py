@@ -75,6 +75,11 @@ class RewardConfig(Section):
     protocol: Literal["salmon", "openrlhf"] = Field(
         default="salmon", description="salmon: POST /v1/score with per-prompt principles. openrlhf: POST "
         "/get_reward with chat-templated text; the principle set goes in the X-Principle-Set header.")
+    mode: Literal["pointwise", "rubric", "listwise"] = Field(
+        default="pointwise", description="How the service scores (protocol salmon; sent as X-Score-Mode): "
+        "pointwise, one score per completion; rubric, the mean of per-principle ratings on the set's scale "
+        "(the set needs a 'rubric'); listwise, a prompt's completions ranked together, each scored with the "
+        "others shown.")
     api_key_env: str = Field(default="SALMON_API_KEY", description="Env var holding the Bearer key (unset: none).")
     admin_key_env: str = Field(default="SALMON_ADMIN_KEY", description="Env var holding the key for registering "
                                "principle sets (unset: the API key is used).")
@@ -96,6 +101,12 @@ class RewardConfig(Section):
         if u.scheme not in {"http", "https"} or not u.netloc:
             raise ValueError(f"{v!r} is not an http(s) URL such as http://127.0.0.1:8000")
         return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _mode_needs_salmon(self) -> RewardConfig:
+        if self.mode != "pointwise" and self.protocol != "salmon":
+            raise ValueError(f"mode {self.mode} needs protocol salmon (/get_reward scores pointwise)")
+        return self
 
 
 class SwitchConfig(Section):

@@ -158,7 +158,7 @@ def _connect(cfg: RunConfig, run_id: str, render_query: Any) -> RewardService:
     normalizer = RunningNormalizer()
     writer = RolloutWriter(cfg.output.rollouts_dir, run_id) if cfg.output.rollouts_dir else None
     score = ServiceReward(client, timeline, selector, cfg.shaping, run_id=run_id, writer=writer,
-                          normalizer=normalizer, resolve_set=SetResolver(cfg, client))
+                          normalizer=normalizer, resolve_set=SetResolver(cfg, client), mode=cfg.reward.mode)
     shaping = ShapingReward(cfg.shaping) if cfg.shaping.length_bonus.enabled or cfg.shaping.unfinished_penalty \
         else None
     return RewardService(client, timeline, normalizer, writer, score, shaping)

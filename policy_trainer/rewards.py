@@ -77,8 +77,9 @@ class ServiceReward:
     def __init__(self, client: AsyncSalmonClient, timeline: SetTimeline, selector: PrincipleSelector,
                  shaping: ShapingConfig, *, run_id: str, writer: RolloutWriter | None = None,
                  eos_token_ids: Sequence[int] = (), normalizer: RunningNormalizer | None = None,
-                 resolve_set: Callable[[str], Awaitable[PrincipleSet]] | None = None):
+                 resolve_set: Callable[[str], Awaitable[PrincipleSet]] | None = None, mode: str = "pointwise"):
         self.client = client
+        self.mode = mode  # the service's scoring mode, sent per request (X-Score-Mode)
         self.timeline = timeline
         self.selector = selector
         self.shaping = shaping
@@ -126,8 +127,10 @@ class ServiceReward:
                                 principle_set=sel.set_ref, key=sel.key))
 
         t0 = time.monotonic()
-        scored = await self.client.score_groups(groups, headers={"X-Salmon-Run": self.run_id,
-                                                                 "X-Salmon-Step": str(step)})
+        headers = {"X-Salmon-Run": self.run_id, "X-Salmon-Step": str(step)}
+        if self.mode != "pointwise":
+            headers["X-Score-Mode"] = self.mode  # listwise: each prompt's group is one list
+        scored = await self.client.score_groups(groups, headers=headers)
         wait = time.monotonic() - t0
         self.wait_by_step[step] += wait
         self.requests_by_step[step] += self.client.last.requests

@@ -206,3 +206,29 @@ def test_sar_compare_writes_both_runs_and_the_heldout_report(tmp_path, tiny_mode
         assert 1 <= s["mean_tokens"] <= 6
     sar_steps = rep["train_reward"]["correctness+sar"]
     assert sar_steps and sar_steps[0]["sar"] is not None and rep["train_reward"]["correctness"][0]["sar"] is None
+
+
+def test_grpo_service_listwise_plus_sar_weights(tmp_path, tiny_model_dir):
+    from conftest import make_service
+
+    from policy_trainer.train import run_training
+
+    svc = make_service("real")
+    try:
+        cfg = RunConfig.model_validate(tiny_run_config(
+            tmp_path, tiny_model_dir, svc.url, reward={"url": svc.url, "mode": "listwise"},
+            rewards={"service": 0.5, "sar": 0.2}, training={"max_steps": 1}))
+        result = run_training(cfg)
+        calls = [c for c in svc.recorder.calls if c["path"] == "/v1/score"]
+        assert calls and all(c["headers"].get("x-score-mode") == "listwise" for c in calls)
+        assert all(c["response"]["mode"] == "listwise" and c["response"]["ranks"] for c in calls)
+    finally:
+        svc.stop()
+    h = next(h for h in result.log_history if "rewards/sar/mean" in h)
+    assert h["reward"] == pytest.approx(0.5 * h["rewards/salmon_rm/mean"] + 0.2 * h["rewards/sar/mean"], abs=1e-5)
+
+
+def test_reward_mode_needs_the_salmon_protocol(tmp_path, tiny_model_dir):
+    base = tiny_run_config(tmp_path, tiny_model_dir, "http://127.0.0.1:9")
+    with pytest.raises(ValueError, match="needs protocol salmon"):
+        RunConfig.model_validate({**base, "reward": {**base["reward"], "mode": "rubric", "protocol": "openrlhf"}})

@@ -164,6 +164,8 @@ class SAMITrainer(IterativeTrainer):
                 for row in tqdm(rows, desc=f"sami round {r}: generate", unit="query", leave=False)]
         losses, kls, mis, by_epoch = [], [], [], []
         steps = 0
+        per_epoch = -(-len(data) // self.s.queries_per_step)
+        bar = tqdm(total=self.s.epochs * per_epoch, desc=f"sami round {r}: train", unit="step", leave=False)
         for _ in range(self.s.epochs):
             start = len(losses)
             for i in range(0, len(data), self.s.queries_per_step):
@@ -180,12 +182,14 @@ class SAMITrainer(IterativeTrainer):
                         total = total + self.s.kl_coef * kl
                         kls.append(float(kl.detach()))
                     (total / len(chunk)).backward()
-                    losses.append(float(loss))
+                    losses.append(float(loss.detach()))
                     mis.append(float(mi_lower_bound(m.detach())))
                 torch.nn.utils.clip_grad_norm_(self.params, self.cfg.training.max_grad_norm)
                 self.optimizer.step()
                 steps += 1
+                bar.update()
             by_epoch.append(statistics.fmean(losses[start:]))
+        bar.close()
         self.model.eval()
         lm, ls = mean_std(losses)
         return {"loss": lm, "loss_std": ls, "train_mi_mean": mean_std(mis)[0], "kl": mean_std(kls)[0],
@@ -198,8 +202,10 @@ class SAMITrainer(IterativeTrainer):
 
     @torch.no_grad()
     def extra_eval(self, r: int) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+
         mis = []
-        for row in self.heldout_rows:
+        for row in tqdm(self.heldout_rows, desc=f"sami round {r}: held-out MI", unit="query", leave=False):
             q = self.query_data(row, query_rng(self.cfg.training.seed, row["prompt_id"], "heldout"))
             mis.append(float(mi_lower_bound(self.logp_matrix(q["prompts"], q["responses"]))))
         m, s = mean_std(mis)

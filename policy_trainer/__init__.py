@@ -32,6 +32,8 @@ _EXPORTS = {
     "RunResult": "policy_trainer.train",
     "TrainingAborted": "policy_trainer.reward_service",
     "reward_funcs": "policy_trainer.reward_service",
+    "SARReward": "policy_trainer.self_reward",
+    "CorrectnessReward": "policy_trainer.self_reward",
 }
 
 __all__ = list(_EXPORTS)

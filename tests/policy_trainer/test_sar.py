@@ -232,3 +232,24 @@ def test_reward_mode_needs_the_salmon_protocol(tmp_path, tiny_model_dir):
     base = tiny_run_config(tmp_path, tiny_model_dir, "http://127.0.0.1:9")
     with pytest.raises(ValueError, match="needs protocol salmon"):
         RunConfig.model_validate({**base, "reward": {**base["reward"], "mode": "rubric", "protocol": "openrlhf"}})
+
+
+def test_sar_in_a_users_own_grpo_trainer(tmp_path, tiny_model_dir):
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from policy_trainer import CorrectnessReward, SARReward
+
+    sar = SARReward()
+    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]}
+                            for r in arith_questions()[0][:4]])
+    args = GRPOConfig(output_dir=str(tmp_path / "own"), max_steps=1, per_device_train_batch_size=4,
+                      num_generations=2, max_completion_length=6, reward_weights=[1.0, 0.2], use_cpu=True,
+                      report_to="none", save_strategy="no", disable_tqdm=True, beta=0.0)
+    trainer = GRPOTrainer(model=str(tiny_model_dir), args=args, reward_funcs=[CorrectnessReward(), sar],
+                          train_dataset=ds)
+    sar.bind(trainer)
+    trainer.train()
+    h = next(h for h in trainer.state.log_history if "rewards/sar/mean" in h)
+    assert sar.model is trainer.model and -1.0 <= h["rewards/sar/mean"] <= 1.0
+    assert h["reward"] == pytest.approx(h["rewards/correctness/mean"] + 0.2 * h["rewards/sar/mean"], abs=1e-5)

@@ -160,8 +160,12 @@ def run_training(config: RunConfig, *, callbacks: list[TrainerCallback] | None =
     ckpt = _last_checkpoint(cfg)
     _resume(ckpt, run_id, timer, reward)
 
-    trainer = method.build(BuildContext(cfg, model_dir, callbacks=[timer, saver, *(callbacks or [])],
-                                        reward=reward, local=local))
+    ctx = BuildContext(cfg, model_dir, callbacks=[timer, saver, *(callbacks or [])], reward=reward, local=local)
+    trainer = method.build(ctx)
+    if local.funcs_and_weights()[0] and not ctx.local_taken:
+        # A method with its own reward plumbing (ppo, sami, dno) would silently drop them otherwise.
+        raise UserError(f"algorithm {cfg.algorithm} does not take rewards.correctness or rewards.sar; "
+                        "use grpo or rloo, or set them to 0")
     if reward is not None:
         reward.bind(trainer)
     local.bind(trainer)  # SAR scores with this trainer's live policy

@@ -53,6 +53,7 @@ class BuildContext:
     callbacks: list[Any] = field(default_factory=list)  # the runner's (timer, state saver), then the caller's
     reward: RewardService | None = None                  # set when the method uses the service and rewards.service > 0
     local: LocalRewards | None = None                    # in-trainer rewards (correctness, SAR), bound after build
+    local_taken: bool = False                            # set by trl_rewards: the method uses them
 
     def prompt_dataset(self) -> Any:
         """The run's prompts (``data:``) as a datasets.Dataset of {prompt, prompt_id, prompt_type[, answer]}."""
@@ -69,6 +70,7 @@ class BuildContext:
             funcs += self.reward.reward_funcs
             weights += [self.cfg.rewards.service] + [1.0] * (len(funcs) - 1)
         if self.local is not None:
+            self.local_taken = True
             more, w = self.local.funcs_and_weights()
             funcs += more
             weights += w
@@ -78,6 +80,11 @@ class BuildContext:
 
     def reward_service(self) -> RewardService:
         """The reward service, for a method that declared ``uses_reward_service``."""
+        if self.reward is None and not self.cfg.rewards.service:
+            from salmon.errors import UserError
+
+            raise UserError(f"algorithm {self.cfg.algorithm} needs the reward service's score; rewards.service: 0 "
+                            "(in-trainer rewards only) works with grpo and rloo")
         if self.reward is None:
             raise RuntimeError("this method needs the reward service but its Method says uses_reward_service=False")
         return self.reward

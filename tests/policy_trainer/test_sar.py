@@ -253,3 +253,27 @@ def test_sar_in_a_users_own_grpo_trainer(tmp_path, tiny_model_dir):
     h = next(h for h in trainer.state.log_history if "rewards/sar/mean" in h)
     assert sar.model is trainer.model and -1.0 <= h["rewards/sar/mean"] <= 1.0
     assert h["reward"] == pytest.approx(h["rewards/correctness/mean"] + 0.2 * h["rewards/sar/mean"], abs=1e-5)
+
+
+def test_methods_that_cannot_take_in_trainer_rewards_say_so(tmp_path, tiny_model_dir):
+    from policy_trainer import methods
+    from policy_trainer.train import run_training
+
+    url = f"http://127.0.0.1:{free_port()}"
+    cfg = RunConfig.model_validate(tiny_run_config(tmp_path, tiny_model_dir, url, algorithm="sami",
+                                                   rewards={"service": 0, "sar": 1}))
+    with pytest.raises(UserError, match="needs the reward service's score"):
+        run_training(cfg)
+
+    built = []
+    methods.register(methods.Method(name="own_rewards", summary="a method with its own reward plumbing",
+                                    build=lambda ctx: built.append(ctx) or SimpleNamespace(),
+                                    uses_reward_service=False))
+    try:
+        cfg = RunConfig.model_validate(tiny_run_config(tmp_path, tiny_model_dir, url, algorithm="own_rewards",
+                                                       rewards={"service": 1, "correctness": 1}))
+        with pytest.raises(UserError, match="does not take rewards.correctness or rewards.sar"):
+            run_training(cfg)
+        assert built and not built[0].local_taken
+    finally:
+        methods.unregister("own_rewards")

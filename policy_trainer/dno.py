@@ -89,7 +89,8 @@ class DNOTrainer(IterativeTrainer):
 
     def candidates(self, r: int, rows: list[dict]) -> list[tuple[str, Any, list[Candidate]]]:
         k = self.s.num_samples
-        samples = self.generate(self.model, [row["prompt"] for row in rows], sample=True, n=k)
+        samples = self.generate(self.model, [row["prompt"] for row in rows], sample=True, n=k,
+                                desc=f"dno round {r}: sample {k} per prompt")
         flat_rows, texts, ids, sources = [], [], [], []
         for row, group in zip(rows, samples, strict=True):
             for text, tid in group:

@@ -136,15 +136,18 @@ class IterativeTrainer:
 
     @torch.no_grad()
     def generate(self, model: Any, prompts: list[list[dict[str, str]]], *, sample: bool, n: int = 1,
-                 max_new_tokens: int | None = None) -> list[list[tuple[str, list[int]]]]:
-        """``n`` responses per prompt as (text, ids up to and including the first EOS), batched."""
+                 max_new_tokens: int | None = None, desc: str | None = None) -> list[list[tuple[str, list[int]]]]:
+        """``n`` responses per prompt as (text, ids up to and including the first EOS), batched; ``desc``
+        shows a progress bar."""
+        from tqdm.auto import tqdm
+
         t = self.cfg.training
         tok = self.tokenizer
         out: list[list[tuple[str, list[int]]]] = []
         batch = max(1, t.per_device_train_batch_size // n) if n > 1 else t.per_device_train_batch_size
         was_training = model.training
         model.eval()
-        for i in range(0, len(prompts), batch):
+        for i in tqdm(range(0, len(prompts), batch), desc=desc, unit="batch", leave=False, disable=desc is None):
             chunk = prompts[i:i + batch]
             texts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in chunk]
             enc = tok(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
@@ -183,7 +186,8 @@ class IterativeTrainer:
     def heldout_scores(self) -> tuple[list[float], list[int]]:
         """Greedy answers to the held-out prompts, scored by the service under the run's set (raw scores)."""
         answers = self.generate(self.model, [self.eval_messages(r) for r in self.heldout_rows], sample=False,
-                                max_new_tokens=self.settings.eval_max_new_tokens)
+                                max_new_tokens=self.settings.eval_max_new_tokens,
+                                desc=f"{self.section}: held-out answers")
         groups = [Group(prompt=r["prompt"], responses=[a[0][0]], principle_set=self.pset.ref, key=self.pset.ref)
                   for r, a in zip(self.heldout_rows, answers, strict=True)]
         scored = self.run_async(self.reward.client.score_groups(groups, headers={"X-Salmon-Run": self.cfg.run_id}))

@@ -99,6 +99,8 @@ class SAMITrainer(IterativeTrainer):
 
     def __init__(self, cfg: Any, **kw: Any):
         self.s: SAMISettings = cfg.sami
+        # A set that cannot give C distinct constitutions fails here, before the model is loaded.
+        draw_constitutions(kw["reward"].timeline.at_step(0), cfg.sami.num_constitutions, random.Random(0))
         super().__init__(cfg, cfg.sami, **kw)
 
     def setup_model(self) -> None:
@@ -117,7 +119,6 @@ class SAMITrainer(IterativeTrainer):
         opt = torch.optim.RMSprop if self.s.optimizer == "rmsprop" else torch.optim.AdamW
         self.optimizer = opt(params, lr=self.s.learning_rate)
         self.params = params
-        draw_constitutions(self.pset, self.s.num_constitutions, random.Random(0))  # fail now, not after loading
 
     # -- the matrix ----------------------------------------------------------------------------
     def logp_matrix(self, prompts: list[list[int]], responses: list[list[int]], *,

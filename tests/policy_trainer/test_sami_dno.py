@@ -8,6 +8,7 @@ import math
 import random
 
 import pytest
+import yaml
 from conftest import RULE_PATTERN, RULE_PENALTY, make_service
 from pt_fakes import rule_score
 
@@ -18,6 +19,7 @@ from policy_trainer.sami import draw_constitutions, render_constitution
 from policy_trainer.train import run_training
 from principles.schema import Principle, PrincipleSet, load_principle_set
 from salmon.errors import UserError
+from salmon_cli.main import main
 
 PROMPTS = ["Name a fruit.", "Say hello.", "What is 2 + 3?", "Name a colour.", "Give me a word.", "Count to three."]
 
@@ -125,3 +127,13 @@ def test_dno_bad_teacher_file_and_too_many_heldout_prompts_are_user_errors(real_
         run_training(iter_config(tmp_path, tiny_model_dir, real_service.url, "dno", teacher_file=str(bad)))
     with pytest.raises(UserError, match="sami.heldout_prompts: 6 of 6 prompts leaves none"):
         run_training(iter_config(tmp_path, tiny_model_dir, real_service.url, "sami", heldout_prompts=6))
+
+
+def test_sami_with_more_constitutions_than_the_set_allows_is_a_cli_error(real_service, tiny_model_dir, tmp_path,
+                                                                        capsys):
+    cfg = iter_config(tmp_path, tiny_model_dir, real_service.url, "sami", num_constitutions=5)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    assert main(["train", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "sami.num_constitutions: 5 distinct constitutions" in err and len(err.strip().splitlines()) == 1

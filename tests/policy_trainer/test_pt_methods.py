@@ -83,7 +83,7 @@ def toy_method():
 
 def test_builtin_methods_in_order_and_all_on_the_reward_service():
     assert method_names()[:3] == ["grpo", "rloo", "ppo"]
-    assert [m.name for m in table.BUILTIN] == ["grpo", "rloo", "ppo", "sami", "dno"]
+    assert [m.name for m in table.BUILTIN] == ["grpo", "rloo", "ppo", "sami", "dno", "savi"]
     assert all(m.uses_reward_service for m in table.BUILTIN)  # sami too: it is evaluated by the service
     assert get_method("ppo").section == "ppo"
     assert (get_method("sami").section, get_method("dno").section) == ("sami", "dno")
@@ -110,14 +110,14 @@ def test_unknown_algorithm_is_one_line_listing_the_registered_methods(tmp_path):
 
 def test_a_method_registered_later_is_offered_by_config_cli_and_demo(toy_method, tmp_path, capsys):
     assert load_run_config(None, {"algorithm": "toy"}).algorithm == "toy"
-    with pytest.raises(UserError, match=r"choose one of: grpo, rloo, ppo, sami, dno, toy"):
+    with pytest.raises(UserError, match=r"choose one of: grpo, rloo, ppo, sami, dno, savi, toy"):
         load_run_config(None, {"algorithm": "toy2"})
 
     from policy_trainer.cli import _parser
     from policy_trainer.cli import main as train_main
 
     choices = next(a.choices for a in _parser()._actions if a.dest == "algorithm")
-    assert list(choices) == ["grpo", "rloo", "ppo", "sami", "dno", "toy"]
+    assert list(choices) == ["grpo", "rloo", "ppo", "sami", "dno", "savi", "toy"]
     assert train_main(["train", "--algorithm", "toy", "--print-config"]) == 0
     assert "algorithm: toy" in capsys.readouterr().out
     assert "a test method without the reward service" in _parser().format_help()

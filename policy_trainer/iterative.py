@@ -29,10 +29,10 @@ import torch
 from policy_trainer.config import RunConfig
 from policy_trainer.data import load_prompt_rows
 from policy_trainer.iterative_config import IterativeSettings
-from policy_trainer.reward_service import RewardService
+from policy_trainer.reward_service import RewardService, TrainingAborted
 from salmon.atomic import atomic_write_bytes, atomic_write_json
 from salmon.errors import UserError
-from salmon_client.client import Group
+from salmon_client.client import Group, RewardServiceError
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +214,18 @@ class IterativeTrainer:
         if resume_from_checkpoint:
             raise UserError(f"{self.section} does not resume in this version; use a fresh output.output_dir "
                             "or output.resume: never")
+        try:
+            self._rounds(tqdm)
+        except RewardServiceError as e:
+            # Raised here rather than left to the runner, whose message promises a resumable checkpoint.
+            done = self.rounds[-1]["iteration"] if self.rounds else None
+            kept = f"{self.out / REPORT_JSON} keeps rounds 0-{done}" if done is not None else "no round had finished"
+            raise TrainingAborted(f"{e}; {kept}; {self.section} does not resume, so a rerun starts again from the "
+                                  "initial policy", url=e.url, checkpoint=None,
+                                  global_step=self.state.global_step) from e
+        return self.state
+
+    def _rounds(self, tqdm: Any) -> None:
         self.rounds = [{"iteration": 0, **self.evaluate(0)}]
         self.write_report()
         for r in tqdm(range(1, self.settings.iterations + 1), desc=self.section, unit="round"):
@@ -228,14 +240,13 @@ class IterativeTrainer:
             self.after_round(r, row)
             self.write_report()
             log.info("%s round %d: held-out score %.4f", self.section, r, row["heldout_score_mean"])
-        return self.state
 
     def after_round(self, r: int, row: dict[str, Any]) -> None:
         """Hook after a round's evaluation (DNO keeps the best iterate here)."""
 
     def _save_checkpoint(self, model: Any = None, trial: Any = None) -> None:
-        """The runner asks for a checkpoint when the service stays away; rounds are not resumable yet,
-        so what a stopped run keeps is its iterations report (written after every round)."""
+        """Rounds are not resumable yet: what a stopped run keeps is its iterations report (written
+        after every round); ``train`` raises TrainingAborted itself, saying so."""
         self.write_report()
 
     def report(self) -> dict[str, Any]:

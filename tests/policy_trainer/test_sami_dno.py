@@ -137,3 +137,26 @@ def test_sami_with_more_constitutions_than_the_set_allows_is_a_cli_error(real_se
     assert main(["train", "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert "sami.num_constitutions: 5 distinct constitutions" in err and len(err.strip().splitlines()) == 1
+
+
+def test_service_gone_mid_run_aborts_saying_what_was_kept(tiny_model_dir, tmp_path):
+    from transformers import TrainerCallback
+
+    from policy_trainer.train import TrainingAborted
+
+    svc = make_service("real")
+
+    class StopAfterRound1(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                svc.stop()
+
+    try:
+        cfg = iter_config(tmp_path, tiny_model_dir, svc.url, "dno", margin=0.0)
+        with pytest.raises(TrainingAborted, match=r"keeps rounds 0-1; dno does not resume") as e:
+            run_training(cfg, callbacks=[StopAfterRound1()])
+    finally:
+        svc.stop()
+    assert e.value.checkpoint is None and e.value.global_step == 1
+    rep = json.loads((tmp_path / "run" / "iterations.json").read_text())
+    assert [r["iteration"] for r in rep["iterations"]] == [0, 1]

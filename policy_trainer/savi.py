@@ -67,7 +67,102 @@ def user(text: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": text}]
 
 
-class SAVITrainer(DNOTrainer):
+class SAVIStages:
+    """The stages of a round, shared by the text variant (SAVITrainer) and the video one
+    (policy_trainer.savi_video). An item is {passage_id, passage (None for frames)[, video]}; each stage
+    adds fields to the records. A subclass gives ``s`` (SAVISettings), ``source`` ("passage" | "video"),
+    ``aspects`` (question aspects cycled beside the kinds), ``work`` (the stage files' folder),
+    ``_gen`` (one generation per record) and ``score_pairs`` (the service's scores of (initial, refined))."""
+
+    s: SAVISettings
+    source = "passage"
+    aspects: tuple[str | None, ...] = (None,)
+    work: Path
+
+    def _gen(self, prompts: list[str], recs: list[dict], desc: str, max_new_tokens: int | None = None) -> list[str]:
+        raise NotImplementedError
+
+    def score_pairs(self, recs: list[dict]) -> list[tuple[float, float]]:
+        raise NotImplementedError
+
+    def stage_questions(self, r: int, items: list[dict]) -> list[dict]:
+        n = self.s.questions_per_passage
+        jobs = [{**it, "kind": KINDS[j % len(KINDS)], "aspect": self.aspects[j % len(self.aspects)]}
+                for it in items for j in range(n)]
+        texts = self._gen([question_prompt(x["passage"], x["kind"], self.source, x["aspect"]) for x in jobs], jobs,
+                          f"savi round {r}: questions")
+        out = []
+        for x, text in zip(jobs, texts, strict=True):
+            q, generated = parse_question(text, x["kind"], self.source)
+            out.append({**x, "question": q, "question_generated": generated})
+        return out
+
+    def stage_initial(self, r: int, recs: list[dict]) -> list[dict]:
+        texts = self._gen([answer_prompt(x["passage"], x["question"], self.source) for x in recs], recs,
+                          f"savi round {r}: answers")
+        return [{**x, "initial": t} for x, t in zip(recs, texts, strict=True)]
+
+    def stage_critique(self, r: int, recs: list[dict]) -> list[dict]:
+        texts = self._gen([critique_prompt(x["passage"], x["question"], x["initial"], self.source) for x in recs],
+                          recs, f"savi round {r}: critiques", self.s.critique_max_new_tokens)
+        return [{**x, "critique": t} for x, t in zip(recs, texts, strict=True)]
+
+    def stage_refined(self, r: int, recs: list[dict]) -> list[dict]:
+        texts = self._gen([refine_prompt(x["passage"], x["question"], x["initial"], x["critique"], self.source)
+                           for x in recs], recs, f"savi round {r}: refined answers")
+        return [{**x, "refined": t} for x, t in zip(recs, texts, strict=True)]
+
+    def stage_pairs(self, r: int, recs: list[dict]) -> list[dict]:
+        out = []
+        for x, (si, sr) in zip(recs, self.score_pairs(recs), strict=True):
+            # Lexical grounding needs the source as text; frames have none (None: the filter passes them).
+            gi = grounding(x["initial"], x["passage"]) if x["passage"] is not None else None
+            gr = grounding(x["refined"], x["passage"]) if x["passage"] is not None else None
+            v = judge_pair(x["initial"], x["refined"], si, sr, self.s.margin, gr,
+                           self.s.grounding_min if gr is not None else None)
+            out.append({**x, "initial_score": si, "refined_score": sr, "initial_grounding": gi,
+                        "refined_grounding": gr, "kept": v.kept, "reason": v.reason})
+        return out
+
+    def run_stages(self, r: int, items: list[dict]) -> list[dict]:
+        """Each stage's output is a file; a stage whose file exists is read back, not run again."""
+        data: Any = items
+        for name in STAGES:
+            path = self.work / f"round-{r}" / f"{name}.jsonl"
+            if path.is_file():
+                data = read_jsonl(path)
+                log.info("savi round %d: stage %s read back from %s", r, name, path)
+                continue
+            data = getattr(self, f"stage_{name}")(r, data)
+            atomic_write_jsonl(path, data)
+        return data
+
+    def round_figures(self, n_items: int, recs: list[dict]) -> dict[str, Any]:
+        """The round's counts per stage, drops by reason, and the service's scores of initial vs refined."""
+        kept = sum(x["kept"] for x in recs)
+        reasons = Counter(x["reason"] for x in recs)
+        im, isd = mean_std([x["initial_score"] for x in recs])
+        rm, rsd = mean_std([x["refined_score"] for x in recs])
+        floor = self.s.grounding_min
+        grounded = sum(floor is None or x["refined_grounding"] is None or x["refined_grounding"] >= floor
+                       for x in recs)
+        return {
+            "stage_counts": {"passages": n_items, "questions": len(recs),
+                             "questions_generated": sum(x["question_generated"] for x in recs),
+                             "initial": len(recs), "critique": len(recs), "refined": len(recs),
+                             "grounded": grounded, "pairs_kept": kept},
+            "dropped": {k: reasons.get(k, 0) for k in ("identical", "ungrounded", "not_preferred")},
+            "pairs_kept": kept,
+            "initial_score_mean": im, "initial_score_std": isd, "refined_score_mean": rm, "refined_score_std": rsd,
+            "refined_minus_initial_mean": mean_std([x["refined_score"] - x["initial_score"] for x in recs])[0],
+            "initial_grounding_mean": mean_std([x["initial_grounding"] for x in recs
+                                                if x["initial_grounding"] is not None])[0],
+            "refined_grounding_mean": mean_std([x["refined_grounding"] for x in recs
+                                                if x["refined_grounding"] is not None])[0],
+        }
+
+
+class SAVITrainer(SAVIStages, DNOTrainer):
     section = "savi"
 
     def __init__(self, cfg: Any, **kw: Any):
@@ -100,87 +195,27 @@ class SAVITrainer(DNOTrainer):
             out[row["prompt_id"]] = qs
         return out
 
-    # -- the stages of a round ------------------------------------------------------------------
-    def _gen(self, prompts: list[str], desc: str, max_new_tokens: int | None = None) -> list[str]:
+    def _gen(self, prompts: list[str], recs: list[dict], desc: str, max_new_tokens: int | None = None) -> list[str]:
         res = self.generate(self.model, [user(p) for p in prompts], sample=True, max_new_tokens=max_new_tokens,
                             desc=desc)
         return [g[0][0].strip() for g in res]
 
-    def stage_questions(self, r: int, rows: list[dict]) -> list[dict]:
-        jobs = [(row, KINDS[j % len(KINDS)]) for row in rows for j in range(self.s.questions_per_passage)]
-        texts = self._gen([question_prompt(passage_of(row), kind) for row, kind in jobs],
-                          f"savi round {r}: questions")
-        out = []
-        for (row, kind), text in zip(jobs, texts, strict=True):
-            q, generated = parse_question(text, kind)
-            out.append({"passage_id": row["prompt_id"], "passage": passage_of(row), "kind": kind, "question": q,
-                        "question_generated": generated})
-        return out
-
-    def stage_initial(self, r: int, recs: list[dict]) -> list[dict]:
-        texts = self._gen([answer_prompt(x["passage"], x["question"]) for x in recs], f"savi round {r}: answers")
-        return [{**x, "initial": t} for x, t in zip(recs, texts, strict=True)]
-
-    def stage_critique(self, r: int, recs: list[dict]) -> list[dict]:
-        texts = self._gen([critique_prompt(x["passage"], x["question"], x["initial"]) for x in recs],
-                          f"savi round {r}: critiques", self.s.critique_max_new_tokens)
-        return [{**x, "critique": t} for x, t in zip(recs, texts, strict=True)]
-
-    def stage_refined(self, r: int, recs: list[dict]) -> list[dict]:
-        texts = self._gen([refine_prompt(x["passage"], x["question"], x["initial"], x["critique"]) for x in recs],
-                          f"savi round {r}: refined answers")
-        return [{**x, "refined": t} for x, t in zip(recs, texts, strict=True)]
-
-    def stage_pairs(self, r: int, recs: list[dict]) -> list[dict]:
+    def score_pairs(self, recs: list[dict]) -> list[tuple[float, float]]:
         groups = [Group(prompt=user(answer_prompt(x["passage"], x["question"])), responses=[x["initial"], x["refined"]],
                         principle_set=self.pset.ref, key=self.pset.ref) for x in recs]
         scored = self.run_async(self.reward.client.score_groups(groups, headers={"X-Salmon-Run": self.cfg.run_id}))
-        out = []
-        for x, (si, sr) in zip(recs, scored, strict=True):
-            gi, gr = grounding(x["initial"], x["passage"]), grounding(x["refined"], x["passage"])
-            v = judge_pair(x["initial"], x["refined"], si, sr, self.s.margin, gr, self.s.grounding_min)
-            out.append({**x, "initial_score": si, "refined_score": sr, "initial_grounding": gi,
-                        "refined_grounding": gr, "kept": v.kept, "reason": v.reason})
-        return out
-
-    def run_stages(self, r: int, rows: list[dict]) -> list[dict]:
-        """Each stage's output is a file; a stage whose file exists is read back, not run again."""
-        data: Any = rows
-        for name in STAGES:
-            path = self.work / f"round-{r}" / f"{name}.jsonl"
-            if path.is_file():
-                data = read_jsonl(path)
-                log.info("savi round %d: stage %s read back from %s", r, name, path)
-                continue
-            data = getattr(self, f"stage_{name}")(r, data)
-            atomic_write_jsonl(path, data)
-        return data
+        return [(a, b) for a, b in scored]
 
     def run_round(self, r: int) -> dict[str, Any]:
         rows = round_rows(self.train_rows, self.s.prompts_per_iteration, r, self.cfg.training.seed)
-        recs = self.run_stages(r, rows)
+        recs = self.run_stages(r, [{"passage_id": row["prompt_id"], "passage": passage_of(row)} for row in rows])
         kept = [x for x in recs if x["kept"]]
         new = [Pair(prompt_id=x["passage_id"], prompt=user(answer_prompt(x["passage"], x["question"])),
                     chosen=x["refined"], rejected=x["initial"], chosen_score=x["refined_score"],
                     rejected_score=x["initial_score"], chosen_source="refined", rejected_source="initial",
                     iteration=r) for x in kept]
         batch = mix_replay(new, self.pool, self.s.replay_share, self.rng)
-        reasons = Counter(x["reason"] for x in recs)
-        im, isd = mean_std([x["initial_score"] for x in recs])
-        rm, rsd = mean_std([x["refined_score"] for x in recs])
-        grounded = sum(self.s.grounding_min is None or x["refined_grounding"] >= self.s.grounding_min for x in recs)
-        figures: dict[str, Any] = {
-            "stage_counts": {"passages": len(rows), "questions": len(recs),
-                             "questions_generated": sum(x["question_generated"] for x in recs),
-                             "initial": len(recs), "critique": len(recs), "refined": len(recs),
-                             "grounded": grounded, "pairs_kept": len(kept)},
-            "dropped": {k: reasons.get(k, 0) for k in ("identical", "ungrounded", "not_preferred")},
-            "pairs_kept": len(kept), "pairs_trained": len(batch),
-            "initial_score_mean": im, "initial_score_std": isd, "refined_score_mean": rm, "refined_score_std": rsd,
-            "refined_minus_initial_mean": mean_std([x["refined_score"] - x["initial_score"] for x in recs])[0],
-            "initial_grounding_mean": mean_std([x["initial_grounding"] for x in recs])[0],
-            "refined_grounding_mean": mean_std([x["refined_grounding"] for x in recs])[0],
-        }
+        figures: dict[str, Any] = {**self.round_figures(len(rows), recs), "pairs_trained": len(batch)}
         if batch:
             self.model, trained = self.dpo(r, batch)
             figures.update(trained)

@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass
 
 KINDS = ("what", "why", "how")
+# VideoSAVi asks about both what the frames show and how it changes between them.
+ASPECTS = {"spatial": "what is where in a frame", "temporal": "what changes from one frame to the next"}
 # Used when the policy's own question is unusable (no question mark, or empty): the round still gets
 # a question of that kind, and the stage counts how often this happened.
 FALLBACK_QUESTIONS = {
@@ -33,9 +35,10 @@ def context(passage: str | None, source: str) -> str:
     return f"{source.capitalize()}:\n{passage}"
 
 
-def question_prompt(passage: str | None, kind: str, source: str = "passage") -> str:
-    return (f"{context(passage, source)}\n\nWrite one question that begins with \"{kind.capitalize()}\" and that "
-            f"the {source} answers. Reply with the question only.")
+def question_prompt(passage: str | None, kind: str, source: str = "passage", aspect: str | None = None) -> str:
+    about = f" about {ASPECTS[aspect]}" if aspect else ""
+    return (f"{context(passage, source)}\n\nWrite one question{about} that begins with \"{kind.capitalize()}\" and "
+            f"that the {source} answers. Reply with the question only.")
 
 
 def answer_prompt(passage: str | None, question: str, source: str = "passage") -> str:

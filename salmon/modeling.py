@@ -231,6 +231,20 @@ def load_causal_lm(source: str | os.PathLike | None = None, options: ModelOption
     return _load(AutoModelForCausalLM, source, options or ModelOptions()).eval()
 
 
+def load_vision_lm(source: str | os.PathLike, options: ModelOptions | None = None):
+    """(model, processor) of a local image-text-to-text (vision-language) model directory, in eval mode.
+    There is no embedded VLM: ``source`` must be a Hugging Face directory with its processor."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = _load(AutoModelForImageTextToText, source, options or ModelOptions()).eval()
+    try:
+        processor = AutoProcessor.from_pretrained(resolve_model_dir(source), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ModelSourceError(f"{source}: no usable processor for a vision-language model ({e}); give a "
+                               "directory saved with its processor (processor.save_pretrained)") from None
+    return model, processor
+
+
 def load_sequence_classifier(
     source: str | os.PathLike | None = None, options: ModelOptions | None = None, num_labels: int = 1
 ):

@@ -416,8 +416,11 @@ class AsyncSalmonClient:
     # -- scoring ----------------------------------------------------------------------------------
     async def score(self, items: Sequence[tuple[Prompt, str] | dict[str, Any]], *,
                     principle_set: PrincipleSpec = None, principles: Sequence[str | dict | Any] | None = None,
-                    headers: dict[str, str] | None = None) -> ScoreResult:
+                    headers: dict[str, str] | None = None, mode: str | None = None) -> ScoreResult:
         """Score (prompt, response) items (tuples or {"prompt", "response"} dicts) on ``/v1/score``.
+
+        ``mode`` (``pointwise``, ``rubric`` or ``listwise``) is sent as the ``X-Score-Mode`` header;
+        unset, the service scores pointwise.
 
         The principles are ``principles`` (inline: definitions or {name, definition,
         negative_definition}), else ``principle_set`` (see :meth:`resolve_set`), else the service's
@@ -429,6 +432,8 @@ class AsyncSalmonClient:
         ref = None if inline is not None else await self.resolve_set(principle_set)
         groups, where = _group_by_prompt(pairs, lambda prompt, responses: Group(
             prompt=prompt, responses=responses, principles=inline, principle_set=ref, key="call"))
+        if mode is not None:
+            headers = {**(headers or {}), "X-Score-Mode": mode}
         scores, metas, stats = await self._score_groups(groups, headers, protocol="salmon")
         return ScoreResult.build(_ungroup(scores, where), [m for row in metas for m in row], stats)
 
@@ -638,9 +643,10 @@ class SalmonClient:
 
     def score(self, items: Sequence[tuple[Prompt, str] | dict[str, Any]], *, principle_set: PrincipleSpec = None,
               principles: Sequence[str | dict | Any] | None = None,
-              headers: dict[str, str] | None = None) -> ScoreResult:
+              headers: dict[str, str] | None = None, mode: str | None = None) -> ScoreResult:
         """See :meth:`AsyncSalmonClient.score`."""
-        return self._run(self.aio.score(items, principle_set=principle_set, principles=principles, headers=headers))
+        return self._run(self.aio.score(items, principle_set=principle_set, principles=principles, headers=headers,
+                                        mode=mode))
 
     def get_reward(self, queries: Sequence[str], prompts: Sequence[str] | None = None, *,
                    principle_set: PrincipleSpec = None, headers: dict[str, str] | None = None) -> ScoreResult:

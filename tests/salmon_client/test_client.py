@@ -109,3 +109,15 @@ def test_the_sync_client_serves_several_threads(env):
     with SalmonClient() as client, ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda it: client.score([it]).scores[0], ITEMS))
     assert results == pytest.approx(direct_scores(env, ITEMS)["scores"], abs=1e-5)
+
+
+def test_mode_goes_to_the_service_and_its_scores_come_back(env):
+    with SalmonClient() as client:
+        listwise = client.score(ITEMS, principle_set="concise", mode="listwise")
+        pointwise = client.score(ITEMS, principle_set="concise")
+    direct = direct_scores(env, ITEMS, principle_set="concise", mode="listwise")
+    assert listwise.scores == pytest.approx(direct["scores"], abs=1e-5)
+    # listwise shows the other candidates of a prompt, so its scores are not the pointwise ones
+    assert listwise.scores != pytest.approx(pointwise.scores, abs=1e-5)
+    with SalmonClient() as client, pytest.raises(RewardServiceError, match="not a mode"):
+        client.score(ITEMS, principle_set="concise", mode="bogus")

@@ -8,6 +8,7 @@ import pytest
 
 from data_synth.config import AggregateConfig, JudgeConfig, TrainConfig, WatchConfig
 from data_synth.watch import pairs_from_rollouts, watch
+from principles.schema import load_principle_set
 from rm_core.registry import Registry
 from salmon.atomic import atomic_write_jsonl
 from salmon.errors import UserError
@@ -57,7 +58,8 @@ def test_watch_judges_new_shards_retrains_and_records_the_data_of_each_version(t
     assert m1["training_data_rollouts"] == [str(rollouts / first)] and m1["parent_version"] is None
     assert m1["policy_versions"] == ["policy-step1"] and m1["trigger"] == "watch"
     judged = (tmp_path / "work" / "judgments" / first).read_text().splitlines()
-    assert len(judged) == 3 * 2  # 3 pairs x 2 principles of 'concise'
+    n_principles = len(load_principle_set("concise").principles)
+    assert len(judged) == 3 * n_principles  # each pair judged under each principle of 'concise'
 
     # Nothing new: no retrain. One new shard below the threshold: judged, not yet trained.
     assert watch(cfg, once=True)["published"] == []

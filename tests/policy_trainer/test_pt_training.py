@@ -46,23 +46,26 @@ def check_rewards_match_service(result, recorder, steps: range) -> None:
 
 
 def test_grpo_two_steps_with_principle_switch(service, tiny_model_dir, tmp_path):
+    # k = the size of concise: step 0 scores the whole set; rl is larger, so step 1 draws k of it
+    k = len(load_principle_set("concise").principles)
+    assert len(load_principle_set("rl").principles) > k
     cfg = RunConfig.model_validate(tiny_run_config(
         tmp_path, tiny_model_dir, service.url,
-        principles={"set": "concise", "select_k": 2, "schedule": [{"step": 1, "set": "rl"}]}))
+        principles={"set": "concise", "select_k": k, "schedule": [{"step": 1, "set": "rl"}]}))
     result = run_training(cfg)
 
     assert result.global_step == 2
     check_rewards_match_service(result, service.recorder, range(2))
     concise, rl = load_principle_set("concise"), load_principle_set("rl")
     by_step = scored_by_step(service.recorder)
-    # step 0: concise has 2 principles and k=2 -> the whole set, by name@hash (prefix-cacheable)
+    # step 0: k covers concise -> the whole set, by name@hash (prefix-cacheable)
     assert {c["request"].get("principle_set") for c in by_step[0]} == {concise.ref}
     assert all("principles" not in c["request"] for c in by_step[0])
-    # step 1: switched to rl -> each prompt scored with its own 2 principles drawn from rl, inline
+    # step 1: switched to rl -> each prompt scored with its own k principles drawn from rl, inline
     rl_names = set(rl.names())
     for c in by_step[1]:
         names = [p["name"] for p in c["request"]["principles"]]
-        assert len(names) == 2 and set(names) <= rl_names
+        assert len(names) == k and set(names) <= rl_names
     assert len(by_step[1]) <= 2  # 2 prompts per step: at most one request per distinct selection
     puts = {c["path"] for c in service.recorder.calls if c["method"] == "PUT"}
     assert puts == {"/v1/principle-sets/concise", "/v1/principle-sets/rl"}

@@ -131,12 +131,15 @@ def test_dno_bad_teacher_file_and_too_many_heldout_prompts_are_user_errors(real_
 
 def test_sami_with_more_constitutions_than_the_set_allows_is_a_cli_error(real_service, tiny_model_dir, tmp_path,
                                                                         capsys):
-    cfg = iter_config(tmp_path, tiny_model_dir, real_service.url, "sami", num_constitutions=5)
+    # one more than the sign patterns of concise's negatable principles can give
+    flippable = sum(bool(p.negative_definition) for p in load_principle_set("concise").principles)
+    too_many = 2 ** flippable + 1
+    cfg = iter_config(tmp_path, tiny_model_dir, real_service.url, "sami", num_constitutions=too_many)
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     assert main(["train", "--config", str(path)]) == 2
     err = capsys.readouterr().err
-    assert "sami.num_constitutions: 5 distinct constitutions" in err and len(err.strip().splitlines()) == 1
+    assert f"sami.num_constitutions: {too_many} distinct constitutions" in err and len(err.strip().splitlines()) == 1
 
 
 def test_service_gone_mid_run_aborts_saying_what_was_kept(tiny_model_dir, tmp_path):

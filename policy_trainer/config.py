@@ -65,7 +65,7 @@ class RetryConfig(Section):
     jitter: float = Field(default=0.5, ge=0, le=1, description="Fraction of each wait drawn at random, so that "
                           "replicas and ranks do not retry in lockstep.")
     budget_s: float = Field(default=120.0, gt=0, description="Keep retrying for this many seconds since the "
-                            "first try (a service restart that ends within it is ridden out; a Retry-After "
+                            "first failed try (a service restart that ends within it is ridden out; a Retry-After "
                             "past it gives up at once); then the step fails, the trainer checkpoints and "
                             "exits non-zero.")
 

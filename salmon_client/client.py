@@ -5,8 +5,10 @@
   exponentially with jitter (so ranks and replicas do not retry in lockstep), a ``Retry-After``
   header (429 queue full, 503 still loading) is honoured, and TIME bounds the whole thing: a
   restart of the service (killed, rescheduled, reloading its model) is ridden out as long as it
-  ends within ``budget_s``, however many tries that takes; a count of tries is an optional extra
-  bound. Other 4xx (401/403/404/413/422) are not retried: the same request would fail the same way.
+  ends within ``budget_s`` of the first failure, however many tries that takes; a count of tries is
+  an optional extra bound. The budget starts at the first failure, not the first try, so a request
+  that ran into ``read_timeout_s`` (a loaded service, not a dead one) still has the whole budget to
+  be tried again. Other 4xx (401/403/404/413/422) are not retried: the same request would fail the same way.
 - Error messages carry the service's own words: its ``{"error": {"message", "type", "param",
   "code"}}`` body (docs/contract.md), or FastAPI's ``{"detail": ...}`` from other servers.
 - After the budget it raises :class:`RewardServiceError` naming the URL and the last error. There
@@ -89,8 +91,8 @@ def parse_retry_after(value: str | None) -> float | None:
 
 @dataclass
 class RetryPolicy:
-    """When to try again: until ``budget_s`` has passed since the first try (the last wait is cut to end
-    at the budget, so the final try lands there); ``max_attempts`` (None: no count) can stop it sooner."""
+    """When to try again: until ``budget_s`` has passed since the first failed try (the last wait is cut to
+    end at the budget, so the final try lands there); ``max_attempts`` (None: no count) can stop it sooner."""
 
     max_attempts: int | None = None
     initial_backoff_s: float = 0.5
@@ -300,7 +302,7 @@ class AsyncSalmonClient:
                       headers: dict[str, str] | None = None, stats: CallStats | None = None) -> httpx.Response:
         """One logical request with the retry policy; returns a 2xx response or raises RewardServiceError."""
         hdrs = {**self.headers, **self._auth(admin), **(headers or {})}
-        start = time.monotonic()
+        start: float | None = None  # the first failure: a slow first try must not spend the budget
         attempt = 0
         while True:
             attempt += 1
@@ -320,6 +322,8 @@ class AsyncSalmonClient:
                                              "(not retried: the same request would fail again)",
                                              retryable=False, attempts=attempt, status=resp.status_code)
                 retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+            if start is None:
+                start = time.monotonic()
             elapsed = time.monotonic() - start
             left = self.retry.budget_s - elapsed
             wait = self.retry.backoff(attempt)
@@ -331,7 +335,7 @@ class AsyncSalmonClient:
                 tries = f", at most {self.retry.max_attempts} tries" if self.retry.max_attempts else ""
                 raise RewardServiceError(
                     self.url, f"reward service {self.url} unreachable: {method} {path} failed {attempt} times "
-                    f"over {elapsed:.1f} s (retry budget {self.retry.budget_s:g} s{tries}); last error: {last}",
+                    f"over {elapsed:.1f} s since the first failure (retry budget {self.retry.budget_s:g} s{tries}); last error: {last}",
                     attempts=attempt)
             wait = min(wait, left)
             log.warning("reward service %s%s: %s; retry %d in %.2f s", self.url, path, last, attempt, wait)

@@ -14,6 +14,7 @@ by rm_service.app.error_body, so every error body is ``{"error": {"message", "ty
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import threading
@@ -69,11 +70,16 @@ class Faults:
 
     statuses: list[int] = field(default_factory=list)
     retry_after: str | None = None
+    delays_s: list[float] = field(default_factory=list)  # /v1/score: one stall per request, before answering
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def next(self) -> int | None:
         with self.lock:
             return self.statuses.pop(0) if self.statuses else None
+
+    def next_delay(self) -> float:
+        with self.lock:
+            return self.delays_s.pop(0) if self.delays_s else 0.0
 
 
 def contract_app(*, pattern: str = r"[aeiou]", penalty: float = 0.01, max_items: int = 256,
@@ -137,6 +143,8 @@ def contract_app(*, pattern: str = r"[aeiou]", penalty: float = 0.01, max_items:
 
     @app.post("/v1/score")
     async def score(request: Request):
+        if (stall := faults.next_delay()) > 0:
+            await asyncio.sleep(stall)
         if (d := denied(request) or injected()) is not None:
             return d
         body = await request.json()

@@ -192,6 +192,17 @@ def test_time_governs_by_default_not_a_count_of_tries(monkeypatch):
     assert "retry budget 90 s)" in str(ei.value)
 
 
+def test_a_read_timeout_does_not_spend_the_retry_budget(fake_service):
+    """A loaded service answers one request past read_timeout_s; the budget starts at that failure, so the
+    retry still happens even though the timeout alone is longer than the budget."""
+    fake_service.faults.delays_s[:] = [2.0]
+    policy = RetryPolicy(initial_backoff_s=0.05, budget_s=0.5, rng=random.Random(0))
+    client = client_for(fake_service.url, retry=policy, read_timeout_s=0.8, max_items=8)
+    out = run(client.score_groups(groups_of(1, 2)))
+    assert len(out[0]) == 2
+    assert client.last.requests == 2 and client.last.retries == 1  # the stalled try, then the one answered
+
+
 def test_error_messages_carry_the_service_error_object(fake_service):
     fake_service.faults.statuses[:] = [422]
     client = client_for(fake_service.url, max_items=1)

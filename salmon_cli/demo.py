@@ -44,7 +44,7 @@ HEADLINE_STEPS = 3  # the reward headline compares the mean of this many first a
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    from policy_trainer.methods import method_names  # the method table: every registered method
+    from policy_trainer.methods import methods  # the method table: every registered method
     from rm_core.scorer_table import scorer_choices  # the scorer table: every registered kind
 
     p = argparse.ArgumentParser(prog="salmon demo", description=__doc__.split("\n\n")[0])
@@ -56,7 +56,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "to fine-tune, else 0)")
     p.add_argument("--principle-set", default="concise", help="principle set of the first RL run")
     p.add_argument("--opposite-set", default="detailed", help="principle set of the second RL run")
-    p.add_argument("--algorithm", choices=method_names(), default="grpo")
+    # only methods whose steps are scored by the service: the demo compares per-step reward and length
+    p.add_argument("--algorithm", choices=[m.name for m in methods() if m.step_rewards], default="grpo")
     p.add_argument("--steps", type=int, default=10, help="RL optimizer steps of each run")
     p.add_argument("--generations", type=int, default=4, help="completions per prompt in RL (the group)")
     p.add_argument("--prompts-per-step", type=int, default=2, help="prompts per RL step")

@@ -98,6 +98,9 @@ class Method:
     summary: str  # one line, for help texts
     build: Callable[[BuildContext], Trainer]
     uses_reward_service: bool = True  # False: the run never contacts reward.url
+    # True: every step is scored by the service and the report logs its mean reward and length, which is
+    # what `salmon demo` compares across two principle sets; iterated methods report per round instead.
+    step_rewards: bool = True
     section: str | None = None  # the RunConfig field holding the method's own settings
     settings: type[BaseModel] | None = None  # that field's model
 

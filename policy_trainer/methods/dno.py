@@ -15,4 +15,4 @@ def build(ctx: BuildContext) -> Any:
 
 
 METHOD = Method(name="dno", summary="DNO: iterated DPO on scored on-policy pairs, reference = previous iterate",
-                build=build, section="dno", settings=DNOSettings)
+                build=build, section="dno", settings=DNOSettings, step_rewards=False)

@@ -16,4 +16,4 @@ def build(ctx: BuildContext) -> Any:
 
 # It uses the reward service to evaluate, not to train: the held-out score of every round.
 METHOD = Method(name="sami", summary="SAMI: mutual information between constitutions and answers, no labels",
-                build=build, section="sami", settings=SAMISettings)
+                build=build, section="sami", settings=SAMISettings, step_rewards=False)

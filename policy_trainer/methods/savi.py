@@ -15,4 +15,4 @@ def build(ctx: BuildContext) -> Any:
 
 
 METHOD = Method(name="savi", summary="VideoSAVi (text): questions, answer, self-critique, refine; DPO on refined > "
-                "initial pairs the service prefers", build=build, section="savi", settings=SAVISettings)
+                "initial pairs the service prefers", build=build, section="savi", settings=SAVISettings, step_rewards=False)

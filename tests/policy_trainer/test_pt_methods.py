@@ -127,6 +127,19 @@ def test_a_method_registered_later_is_offered_by_config_cli_and_demo(toy_method,
     assert parse_args(["--algorithm", "toy"]).algorithm == "toy"
 
 
+@pytest.mark.parametrize("name", ["sami", "dno", "savi"])
+def test_the_demo_refuses_methods_that_report_per_round(name, capsys):
+    """The demo compares two runs by per-step reward and length; an iterated method has neither, so it is
+    refused up front with the methods it does take, not after minutes of synthesis."""
+    from salmon_cli.demo import parse_args
+
+    with pytest.raises(SystemExit) as ei:
+        parse_args(["--algorithm", name])
+    assert ei.value.code == 2
+    err = capsys.readouterr().err
+    assert f"invalid choice: '{name}'" in err and "'grpo', 'rloo', 'ppo'" in err
+
+
 def test_unregistered_methods_are_gone_and_names_are_unique(toy_method):
     with pytest.raises(ValueError, match="already registered"):
         table.register(toy_method.method)

@@ -213,23 +213,28 @@ def filter_answer(text: str, cfg: AnswerFilterConfig, index: int = 0) -> Filtere
     return FilteredAnswer(index, text, out, reason, tuple(changed))
 
 
-def apply_filters(answers: Sequence[str], cfg: AnswerFilterConfig | None = None
-                  ) -> tuple[list[FilteredAnswer], FilterCounts]:
-    """(the kept answers, counts) for ``answers``; each kept one has ``index`` into the input and the
-    edited ``text``. Use :func:`filter_answer` to see the dropped ones too."""
+def filter_all(answers: Sequence[str], cfg: AnswerFilterConfig | None = None
+               ) -> tuple[list[FilteredAnswer], FilterCounts]:
+    """(every answer's result, kept and dropped, in input order; counts) for ``answers``."""
     cfg = cfg or AnswerFilterConfig()
     counts = FilterCounts(offered=len(answers))
-    kept: list[FilteredAnswer] = []
-    for i, a in enumerate(answers):
-        f = filter_answer(a, cfg, i)
+    results = [filter_answer(a, cfg, i) for i, a in enumerate(answers)]
+    for f in results:
         for name in f.changed_by:
             counts.changed[name] += 1
         if f.dropped is None:
-            kept.append(f)
+            counts.kept += 1
             continue
         name, _, detail = f.dropped.partition(": ")
         counts.dropped[name] += 1
         if name == "blacklisted":
             counts.blacklist_hits[detail] = counts.blacklist_hits.get(detail, 0) + 1
-    counts.kept = len(kept)
-    return kept, counts
+    return results, counts
+
+
+def apply_filters(answers: Sequence[str], cfg: AnswerFilterConfig | None = None
+                  ) -> tuple[list[FilteredAnswer], FilterCounts]:
+    """(the kept answers, counts) for ``answers``; each kept one has ``index`` into the input and the
+    edited ``text``. :func:`filter_all` returns the dropped ones too, with their reasons."""
+    results, counts = filter_all(answers, cfg)
+    return [f for f in results if f.dropped is None], counts

@@ -4,7 +4,7 @@ One YAML file says everything about a run; a GPU run changes fields (precision, 
 DeepSpeed), never code. Unknown fields are errors (typos must not silently fall back to defaults).
 Loading goes through ``salmon.config`` so every error is one line naming the file and the field.
 
-    algorithm: grpo            # a method of policy_trainer.methods (grpo, rloo, ppo, sami, dno, savi: knobs in ppo:, sami:, dno:, savi:)
+    algorithm: grpo            # a method of policy_trainer.methods (grpo, rloo, ppo, sami, dno, savi, sft: knobs in ppo:, sami:, dno:, savi:, sft:)
     policy: {model: embedded}
     reward: {url: http://127.0.0.1:8000}
     principles: {set: rl, intervention: intervention, select_k: 3, schedule: [{step: 50, set: harmless}]}
@@ -24,6 +24,7 @@ from policy_trainer.methods import method_names
 from policy_trainer.ppo_config import PPOSettings
 from policy_trainer.savi_config import SAVISettings
 from policy_trainer.section import Section
+from policy_trainer.sft_config import SFTSettings
 from salmon.config import load_yaml, validate_config
 
 
@@ -276,6 +277,7 @@ class RunConfig(Section):
     sami: SAMISettings = Field(default_factory=SAMISettings, description="SAMI only (algorithm: sami).")
     dno: DNOSettings = Field(default_factory=DNOSettings, description="DNO only (algorithm: dno).")
     savi: SAVISettings = Field(default_factory=SAVISettings, description="VideoSAVi only (algorithm: savi).")
+    sft: SFTSettings = Field(default_factory=SFTSettings, description="Supervised fine-tuning only (algorithm: sft).")
 
     @field_validator("algorithm")
     @classmethod

@@ -17,14 +17,15 @@ checks the two agree). A method registered at run time (``register``) is offered
 
 from __future__ import annotations
 
-from policy_trainer.methods import dno, grpo, ppo, rloo, sami, savi
+from policy_trainer.methods import dno, grpo, ppo, rloo, sami, savi, sft
 from policy_trainer.methods.base import BuildContext, Method, Trainer
 from salmon.errors import UserError
 
 __all__ = ["BUILTIN", "BuildContext", "Method", "Trainer", "get_method", "method_names", "methods", "register",
            "unregister"]
 
-BUILTIN: tuple[Method, ...] = (grpo.METHOD, rloo.METHOD, ppo.METHOD, sami.METHOD, dno.METHOD, savi.METHOD)
+BUILTIN: tuple[Method, ...] = (grpo.METHOD, rloo.METHOD, ppo.METHOD, sami.METHOD, dno.METHOD, savi.METHOD,
+                              sft.METHOD)
 
 _TABLE: dict[str, Method] = {}
 

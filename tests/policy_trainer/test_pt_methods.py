@@ -83,8 +83,9 @@ def toy_method():
 
 def test_builtin_methods_in_order_and_all_on_the_reward_service():
     assert method_names()[:3] == ["grpo", "rloo", "ppo"]
-    assert [m.name for m in table.BUILTIN] == ["grpo", "rloo", "ppo", "sami", "dno", "savi"]
-    assert all(m.uses_reward_service for m in table.BUILTIN)  # sami too: it is evaluated by the service
+    assert [m.name for m in table.BUILTIN] == ["grpo", "rloo", "ppo", "sami", "dno", "savi", "sft"]
+    # sami too: it is evaluated by the service; sft alone learns from given rows
+    assert [m.name for m in table.BUILTIN if not m.uses_reward_service] == ["sft"]
     assert get_method("ppo").section == "ppo"
     assert (get_method("sami").section, get_method("dno").section) == ("sami", "dno")
 
@@ -117,7 +118,7 @@ def test_a_method_registered_later_is_offered_by_config_cli_and_demo(toy_method,
     from policy_trainer.cli import main as train_main
 
     choices = next(a.choices for a in _parser()._actions if a.dest == "algorithm")
-    assert list(choices) == ["grpo", "rloo", "ppo", "sami", "dno", "savi", "toy"]
+    assert list(choices) == ["grpo", "rloo", "ppo", "sami", "dno", "savi", "sft", "toy"]
     assert train_main(["train", "--algorithm", "toy", "--print-config"]) == 0
     assert "algorithm: toy" in capsys.readouterr().out
     assert "a test method without the reward service" in _parser().format_help()
@@ -127,7 +128,7 @@ def test_a_method_registered_later_is_offered_by_config_cli_and_demo(toy_method,
     assert parse_args(["--algorithm", "toy"]).algorithm == "toy"
 
 
-@pytest.mark.parametrize("name", ["sami", "dno", "savi"])
+@pytest.mark.parametrize("name", ["sami", "dno", "savi", "sft"])
 def test_the_demo_refuses_methods_that_report_per_round(name, capsys):
     """The demo compares two runs by per-step reward and length; an iterated method has neither, so it is
     refused up front with the methods it does take, not after minutes of synthesis."""

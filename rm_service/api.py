@@ -7,7 +7,7 @@ import json
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Request, Response
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from principles.schema import PrincipleSet
 from rm_service.errors import Forbidden, InvalidRequest, Unauthorized
@@ -15,6 +15,8 @@ from rm_service.protocol import (
     ClassificationResponse,
     ClassifyRequest,
     ErrorResponse,
+    GenerateRequest,
+    GenerateResponse,
     ModelInfo,
     PoolingRequest,
     PoolingResponse,
@@ -88,6 +90,19 @@ async def score(req: ScoreRequest, service: ServiceDep,
                 x_score_mode: Annotated[str | None, Header()] = None) -> ScoreResponse:
     # The header lets a client that sends no 'mode' field (e.g. through its headers= argument) pick one.
     return await service.score(req, x_score_mode)
+
+
+@router.post("/v1/generate", response_model=GenerateResponse, dependencies=api_key,
+             responses={200: {"content": {"text/event-stream": {}},
+                              "description": "JSON, or with stream true server-sent events: 'segment' "
+                              "({index, text}) per committed piece, then 'done' (this response) or 'error'."}})
+async def generate(req: GenerateRequest, service: ServiceDep):
+    """RAIN (search: rain) or plain sampling (search: none) under the request's principles."""
+    if req.stream:
+        events = await service.generation.stream(req)  # validation errors leave before the stream starts
+        return StreamingResponse(events, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return await service.generation.generate(req)
 
 
 @router.post("/get_reward", response_model=RewardResponse, dependencies=api_key)

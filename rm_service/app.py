@@ -18,15 +18,11 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rm_service.api import router
-from rm_service.errors import ServiceError
+from rm_service.errors import ServiceError, error_body
 from rm_service.serving import ScoreService
 from rm_service.settings import ServiceSettings
 
 log = logging.getLogger("salmon.rm_service")
-
-
-def error_body(status: int, type_: str, message: str, param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": status}}
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:

@@ -17,6 +17,11 @@ class ServiceError(SalmonError):
         self.headers = headers or {}
 
 
+def error_body(status: int, type_: str, message: str, param: str | None = None) -> dict:
+    """The one error body of every status (docs/contract.md#errors)."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": status}}
+
+
 class InvalidRequest(ServiceError):
     status, type = 422, "invalid_request"
 

@@ -278,3 +278,91 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+# -- generation (POST /v1/generate) ----------------------------------------------------------------------
+class SearchOptions(BaseModel):
+    """Overrides of the RAIN search's knobs (rm_core.rain.RainConfig); each left out keeps the default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_expansions: int | None = Field(default=None, ge=1, description="Search iterations at most (server limit: "
+                                       "generate_max_expansions).")
+    candidates: int | None = Field(default=None, ge=1, le=16, description="Segments sampled per expansion.")
+    min_segment_tokens: int | None = Field(default=None, ge=1)
+    max_segment_tokens: int | None = Field(default=None, ge=1)
+    segment_growth: float | None = Field(default=None, ge=1.0)
+    c_puct: float | None = Field(default=None, ge=0)
+    commit_visits: int | None = Field(default=None, ge=1)
+    confident_share: float | None = Field(default=None, gt=0, le=1)
+    value_margin: float | None = Field(default=None, ge=0)
+    rewind_after: int | None = Field(default=None, ge=1)
+    max_rewinds_per_step: int | None = Field(default=None, ge=0)
+    value_per_token: bool | None = None
+    finish: Literal["sample", "stop"] | None = None
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: Text | list[ChatMessage] = Field(description="The instruction: a string or chat messages ending with a user turn.")
+    principle_set: Text | None = Field(
+        default=None, description="A registered set: 'name' (its current content) or 'name@hash' (exact content).")
+    principles: list[Text | InlinePrinciple] | None = Field(
+        default=None, description="Inline principles; win over principle_set. A string is a definition.")
+    negate: list[Text] = Field(default_factory=list, description="Names of principles to generate under in "
+                               "their negated form.")
+    truncate: bool = Field(default=True, description="Truncate an over-long prompt from the start; false → 422.")
+    search: Literal["rain", "none"] = Field(
+        default="rain", description="rain: search over segments valued by the scorer under the principles; "
+        "none: plain sampling.")
+    stream: bool = Field(default=False, description="true: server-sent events (segment events, then done).")
+    max_new_tokens: int | None = Field(default=None, ge=1, description="Tokens at most (server limit: "
+                                       "generate_max_new_tokens).")
+    time_budget_s: float | None = Field(default=None, gt=0, description="Wall-time deadline (server limit: "
+                                        "generate_max_time_s).")
+    temperature: float | None = Field(default=None, gt=0)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    seed: int | None = Field(default=None, ge=0, description="Same seed, same request, same model: same text.")
+    options: SearchOptions | None = Field(default=None, description="RAIN's search knobs.")
+
+    @field_validator("principles")
+    @classmethod
+    def _nonempty(cls, v):
+        if v is not None and not v:
+            raise ValueError("give at least one principle, or leave 'principles' out to use a set")
+        return v
+
+
+class GenerateStats(BaseModel):
+    search: str
+    expansions: int = Field(description="Leaves expanded (candidate segments sampled and valued).")
+    iterations: int = Field(description="Search iterations: expansions and revisits of finished branches.")
+    rewinds: int = Field(description="Times every branch fell below the committed prefix and was resampled.")
+    commits: int
+    forced_commits: int = Field(description="Commits made after the rewinds at one position ran out.")
+    value_evaluations: int = Field(description="Responses valued by the scorer.")
+    tokens_sampled: int
+    tokens_committed: int
+    max_segment_tokens_used: int
+    wall_s: float
+    stopped: str = Field(description="eos | max_new_tokens | max_expansions | deadline | cancelled")
+    final_value: float | None = Field(default=None, description="The scorer's value of the answer (per token "
+                                      "when value_per_token).")
+
+
+class GenerateUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class GenerateResponse(BaseModel):
+    text: str
+    search: Literal["rain", "none"]
+    finish_reason: str = Field(description="Why generation stopped (stats.stopped).")
+    stats: GenerateStats
+    model_version: str = Field(description="The scorer version that valued the search.")
+    scorer: str
+    principle_set_hash: str
+    principle_set: str
+    usage: GenerateUsage

@@ -34,10 +34,12 @@ from rm_core.scorer_table import ScorerOptions, build_scorer, resolve_kind
 from rm_core.scorers import Prepared, Scorer
 from rm_service.batcher import Batcher, JobResult
 from rm_service.errors import Conflict, InvalidRequest, NotFound, NotReady, PayloadTooLarge, ScoringFailed
+from rm_service.generation import GenerationService
 from rm_service.metrics import Metrics
 from rm_service.protocol import (
     ClassificationData,
     ClassificationResponse,
+    GenerateRequest,
     InlinePrinciple,
     ModelInfo,
     PoolingData,
@@ -256,6 +258,7 @@ class ScoreService:
         self.models = ModelManager(settings, self.metrics)
         self.batcher = Batcher(settings.max_batch_tokens, settings.max_queue_items, settings.batch_wait_ms,
                                self.metrics)
+        self.generation = GenerationService(self)  # POST /v1/generate: its value calls use this batcher
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -284,7 +287,11 @@ class ScoreService:
         s = self._set(req)
         return list(s.principles), s.hash, s.ref
 
-    def _set(self, req: ScoreRequest) -> PrincipleSet:
+    def principle_set_for(self, req: ScoreRequest | GenerateRequest) -> PrincipleSet:
+        """The set a request names: its inline principles (limits checked), else a registered set."""
+        return self._set(req)
+
+    def _set(self, req: ScoreRequest | GenerateRequest) -> PrincipleSet:
         if req.principles is not None:
             if len(req.principles) > self.settings.max_principles:
                 raise PayloadTooLarge(f"{len(req.principles)} inline principles; the limit is "

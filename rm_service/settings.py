@@ -64,6 +64,14 @@ class ServiceSettings(BaseSettings):
     max_principles: int = Field(default=32, ge=1, description="Inline principles per request.")
     request_timeout_s: float = Field(default=120.0, gt=0, description="A request waiting longer gets 503.")
 
+    # -- generation (POST /v1/generate) ----------------------------------------------------------
+    generate_max_new_tokens: int = Field(default=256, ge=1, description="Tokens one generation may ask for.")
+    generate_max_expansions: int = Field(default=256, ge=1, description="RAIN search iterations one generation may ask for.")
+    generate_max_time_s: float = Field(default=120.0, gt=0, description="Wall-time budget one generation may ask for.")
+    generate_concurrency: int = Field(
+        default=1, ge=1, description="Generations running at once; beyond → 429. Each one's value calls go "
+        "through the scoring batcher, so scoring requests are served between them.")
+
     # -- prefix cache ----------------------------------------------------------------------------
     prefix_cache: bool = Field(default=True, description="Reuse key/value caches of shared prefixes.")
     prefix_cache_bytes: int = Field(default=512 * 1024 * 1024, ge=0)

@@ -111,7 +111,7 @@ def test_unknown_algorithm_is_one_line_listing_the_registered_methods(tmp_path):
 
 def test_a_method_registered_later_is_offered_by_config_cli_and_demo(toy_method, tmp_path, capsys):
     assert load_run_config(None, {"algorithm": "toy"}).algorithm == "toy"
-    with pytest.raises(UserError, match=r"choose one of: grpo, rloo, ppo, sami, dno, savi, toy"):
+    with pytest.raises(UserError, match=r"choose one of: grpo, rloo, ppo, sami, dno, savi, sft, toy"):
         load_run_config(None, {"algorithm": "toy2"})
 
     from policy_trainer.cli import _parser

@@ -6,6 +6,7 @@ the loop and the training):
 1. **self-instruct**: the model is shown a few seed prompts and asked for new ones; a candidate is kept
    when its ROUGE-L F to every prompt kept so far (seeds, earlier iterations, held-out prompts) is
    below ``max_rouge_l`` (:class:`data_synth.prompts.PromptFilter`, the one near-duplicate filter);
+   candidates that talk about the list instead of being an instruction are dropped first (:func:`is_meta`);
 2. **answer**: the model answers each new prompt (:func:`data_synth.generation.generate`);
 3. the rule post-filters of :mod:`data_synth.answer_filters` clean or drop each answer;
 4. **self-assess**: the same model rates each answer twice on 1-10, for quality and for following the
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -70,9 +72,11 @@ class AnswerSettings(_Strict):
 class AssessSettings(_Strict):
     """The model's own 1-10 ratings, and the thresholds an answer must reach on both."""
 
-    min_quality: float = Field(default=6.0, ge=1, le=10, description="Keep an answer only when its self-assessed "
+    # An expected rating is pulled to the middle of the scale by the model's uncertainty: SmolLM2-135M's sit
+    # between about 2.5 and 4.5, so a threshold meant for a sampled rating (the paper's) would keep nothing.
+    min_quality: float = Field(default=3.5, ge=1, le=10, description="Keep an answer only when its self-assessed "
                                "quality (expected rating, 1-10) is at least this.")
-    min_following: float = Field(default=6.0, ge=1, le=10, description="... and its self-assessed instruction "
+    min_following: float = Field(default=3.5, ge=1, le=10, description="... and its self-assessed instruction "
                                  "following is at least this.")
     batch_size: int = Field(default=8, ge=1, description="Ratings per forward pass.")
     max_response_tokens: int = Field(default=256, ge=8, description="Longer answers are cut to this for rating.")
@@ -97,6 +101,16 @@ def prompt_text(prompt: Any) -> str:
 
 
 # -- 1. self-instruct ---------------------------------------------------------------------------------
+# A small model often answers the request instead of writing instructions ("Here are five new
+# instructions:", "Sure, ..."), or talks about the list itself; such lines are not prompts.
+_META = re.compile(r"^(?:here (?:are|is)|sure\b|okay\b|ok\b|certainly\b)|\binstructions?\b|:$", re.IGNORECASE)
+
+
+def is_meta(candidate: str) -> bool:
+    """True for a line about the list rather than an instruction a user would give."""
+    return bool(_META.search(candidate.strip()))
+
+
 def self_instruct_messages(examples: Sequence[str], n: int) -> list[dict]:
     ex = "\n".join(f"{i}. {e}" for i, e in enumerate(examples, 1))
     return [{"role": "user", "content":
@@ -117,7 +131,7 @@ def self_instruct(model, tokenizer, seeds: Sequence[str], existing: Sequence[str
     filt = PromptFilter(settings.min_chars, settings.max_chars, settings.max_rouge_l, existing=[*seeds, *existing])
     rng = random.Random(seed)
     new: list[dict] = []
-    counters = {"requests": 0, "generated": 0}
+    counters = {"requests": 0, "generated": 0, "not_a_prompt": 0}
     for rnd in tqdm(range(settings.max_rounds), desc="self-instruct", unit="round", dynamic_ncols=True, leave=False):
         # Each request shows its own random draw of seeds, so that requests and rounds differ.
         requests = [self_instruct_messages(rng.sample(list(seeds), min(settings.examples, len(seeds))),
@@ -128,7 +142,9 @@ def self_instruct(model, tokenizer, seeds: Sequence[str], existing: Sequence[str
         for (text,) in outs:
             for cand in parse_list(text)[: settings.per_request]:
                 counters["generated"] += 1
-                if filt.offer(cand):
+                if is_meta(cand):
+                    counters["not_a_prompt"] += 1
+                elif filt.offer(cand):
                     new.append({"id": prompt_id(cand.strip()), "prompt": cand.strip()})
                     if len(new) >= settings.prompts_per_iteration:
                         return new, {**counters, **filt.dropped, "kept": len(new)}

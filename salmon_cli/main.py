@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rm-train": ("data_synth.cli", "train a principle-following reward model and publish a registry version"),
     "rm-pretrain": ("data_synth.cli", "rebuild the shipped principle-following reward model (minimal pairs, many axes)"),
     "train": ("policy_trainer.cli", "RL (grpo | rloo | ppo) with rewards from the service over HTTP"),
+    "isheep": ("salmon_cli.isheep", "I-SHEEP: the model writes, answers, rates and trains on its own data, per iteration"),
     "demo": ("salmon_cli.demo", "the whole loop on the embedded default, on one CPU machine"),
     "bench": ("benchmarks.cli", "benchmark scoring against its limit and a baseline"),
 }

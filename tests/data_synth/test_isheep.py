@@ -67,6 +67,14 @@ def test_self_instruct_drops_near_duplicates_at_the_rouge_threshold(monkeypatch)
     assert near in [r["prompt"] for r in rows] and counts["near_duplicate"] == 0
 
 
+def test_self_instruct_drops_lines_about_the_list(monkeypatch):
+    listing = ("Here are five new instructions for this topic:\n1. Sure, I can write more.\n"
+               "2. Write more instructions like these.\n3. How do volcanoes erupt?\n4. Topics:")
+    monkeypatch.setattr(isheep, "generate", fake_generate([listing]))
+    rows, counts = self_instruct(None, None, SEEDS, [], SelfInstructSettings(requests_per_round=1, max_rounds=1), seed=0)
+    assert [r["prompt"] for r in rows] == ["How do volcanoes erupt?"] and counts["not_a_prompt"] == 4
+
+
 def test_self_instruct_avoids_earlier_and_heldout_prompts(monkeypatch):
     earlier = "Write a limerick about a cat who learns to swim."
     monkeypatch.setattr(isheep, "generate", fake_generate([f"1. {earlier}\n2. Write a limerick about a cat that learns to swim."]))
@@ -98,8 +106,8 @@ def test_self_instruct_with_a_model(tiny):
     again, _ = self_instruct(model, tok, SEEDS, [], s, seed=3)
     assert rows == again  # seeded: a resumed run regenerates the same prompts
     assert counts["requests"] == 2 and counts["kept"] == len(rows)
-    assert counts["generated"] == counts["kept"] + sum(counts[k] for k in ("too_short", "too_long", "duplicate",
-                                                                            "near_duplicate"))
+    assert counts["generated"] == counts["kept"] + sum(counts[k] for k in ("not_a_prompt", "too_short", "too_long",
+                                                                            "duplicate", "near_duplicate"))
 
 
 # -- answer + rule filter ----------------------------------------------------------------------------

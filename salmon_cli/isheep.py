@@ -340,8 +340,10 @@ def main(argv: list[str] | None = None) -> int:
         extra = ""
         if r["iteration"]:
             sa = r["self_assessed_all"]
-            extra = (f"; kept {r['counts']['self_assess']['kept']}/{r['counts']['self_instruct']['kept']} prompts; "
-                     f"self-assessed quality {sa['quality']['mean']}, following {sa['following']['mean']}")
+            c = r["counts"]
+            extra = (f"; {c['self_instruct']['kept']} new prompts, {c['rule_filter']['kept']} answers past the "
+                     f"rules, {c['self_assess']['kept']} kept; self-assessed quality {sa['quality']['mean']}, "
+                     f"following {sa['following']['mean']}")
         print(f"iteration {r['iteration']}: held-out reward {h['mean']:.3f} ± {h['sd']:.3f} (n={h['n']}), "
               f"length {r['heldout_length_tokens']['mean']:.1f} tokens{extra}")
     print(f"salmon isheep: report {cfg.output_dir / REPORT_JSON} and {cfg.output_dir / REPORT_PNG}")

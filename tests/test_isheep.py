@@ -21,6 +21,7 @@ import yaml
 import salmon.modeling
 from policy_trainer.sft import train_sft
 from salmon.atomic import FAULT_ENV, read_jsonl
+from salmon.errors import UserError
 from salmon_cli.isheep import ISheepConfig, run_isheep
 from salmon_cli.main import main as salmon_main
 
@@ -162,9 +163,9 @@ def test_a_rerun_of_a_finished_run_loads_no_model(clean_run, monkeypatch):
     assert report["iterations"][1:] and (clean_run["out"] / "iter-01" / "prompts.json").stat().st_ino == before
 
 
-def test_other_settings_into_the_same_directory_are_refused(clean_run, capsys):
+def test_other_settings_into_the_same_directory_are_refused(clean_run):
     cfg = clean_run["cfg"].model_copy(update={"seed": 7})
-    with pytest.raises(Exception, match="other settings"):
+    with pytest.raises(UserError, match="other settings"):
         run_isheep(cfg)
 
 

@@ -461,3 +461,19 @@ def scorer_value_fn(scorer, principles: Sequence[Principle], prompt: Prompt, neg
         return scorer.score_items(list(principles), [(prompt, t) for t in texts], negate, truncate)
 
     return value
+
+
+def sampler_for(scorer, model_source: str = "embedded", options=None, max_prompt_tokens: int = 1024,
+                max_response_tokens: int = 1024) -> tuple[CausalLMSampler, Renderer]:
+    """The sampler and renderer generation uses beside ``scorer``: a causal-LM scorer's own model and
+    renderer (one copy of the weights), else a causal LM of the scorer's base model (``model_source``
+    for a scorer without one, e.g. the rule scorer), loaded through the one loader."""
+    from rm_core.scorers import CausalLMScorer
+
+    if isinstance(scorer, CausalLMScorer):
+        return CausalLMSampler(scorer.model, scorer.tokenizer), scorer.renderer
+    from salmon.modeling import load_causal_lm, load_tokenizer
+
+    source = scorer.base_model if scorer.base_model not in {"", "none"} else model_source
+    tok = load_tokenizer(source)
+    return CausalLMSampler(load_causal_lm(source, options), tok), Renderer(tok, max_prompt_tokens, max_response_tokens)

@@ -1,4 +1,4 @@
-"""`salmon serve`, `salmon score`, `salmon check`."""
+"""`salmon serve`, `salmon score`, `salmon check`, `salmon generate`."""
 
 from __future__ import annotations
 
@@ -161,6 +161,80 @@ def check(argv: list[str]) -> int:
     return 0
 
 
+def generate(argv: list[str]) -> int:
+    """RAIN (``--rain``) or plain sampling on the core, no server: the committed text as it is
+    committed, then the search statistics (or, with ``--json``, one JSON document)."""
+    p = argparse.ArgumentParser(prog="salmon generate",
+                                description="Generate an answer under principles: RAIN search (--rain; the scorer's "
+                                "value of each partial answer guides it) or plain sampling. No server.")
+    _settings_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--principles", dest="set_name", help="a principle set: shipped name or YAML path "
+                   "(default: the default set)")
+    p.add_argument("--principle", action="append", help="inline principle definition (repeatable; wins over "
+                   "--principles; the contrastive scorer needs a set with negative definitions)")
+    p.add_argument("--negate", action="append", default=[], help="principle name to generate under negated")
+    p.add_argument("--rain", action="store_true", help="search (RAIN); without it, plain sampling")
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--max-expansions", type=int)
+    p.add_argument("--time-budget", type=float, dest="time_budget_s", help="seconds")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--json", action="store_true", help="print one JSON document (text, stats) at the end")
+    args = p.parse_args(argv)
+    st = build_settings(args)
+    from principles.schema import Principle
+    from rm_core.rain import RainConfig, generate, generation_context, sampler_for, scorer_value_fn
+    from rm_service.errors import NotFound
+    from rm_service.metrics import Metrics
+    from rm_service.serving import ModelManager, PrincipleSetStore
+
+    knobs = {k: getattr(args, k) for k in ("max_new_tokens", "max_expansions", "time_budget_s", "temperature", "seed")
+             if getattr(args, k) is not None}
+    try:
+        config = RainConfig(**knobs)
+    except ValidationError as e:
+        raise UserError(format_validation_error(e, "options")) from None
+    if args.principle:
+        principles = [Principle(name=f"p{i + 1}", definition=d) for i, d in enumerate(args.principle)]
+        ref = "inline"
+    else:
+        store = PrincipleSetStore(st.default_principle_set)
+        try:
+            pset = store.resolve(args.set_name)
+        except NotFound:
+            names = ", ".join(s.name for s in store.list().principle_sets)
+            raise UserError(f"--principles: no principle set {args.set_name!r}; give a YAML path or one of: "
+                            f"{names}") from None
+        principles, ref = list(pset.principles), pset.ref
+    unknown = [n for n in args.negate if n not in {p.name for p in principles}]
+    if unknown:
+        raise UserError(f"--negate names {unknown}, which are not in the principles {[p.name for p in principles]}")
+    mm = ModelManager(st, Metrics())
+    scorer = mm.build()
+    sampler, renderer = sampler_for(scorer, st.model, mm.options, st.max_prompt_tokens, st.max_response_tokens)
+    scorer.prepare(principles, args.prompt, "", args.negate)  # a RenderError (a UserError) before any sampling
+    context = generation_context(renderer, principles, args.prompt, args.negate,
+                                 with_principles=config.principles_in_context)
+
+    def show(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    result = generate("rain" if args.rain else "none", sampler,
+                      scorer_value_fn(scorer, principles, args.prompt, args.negate), context, config,
+                      on_commit=None if args.json else show)
+    stats = result.stats.to_dict()
+    if args.json:
+        json.dump({"text": result.text, "principle_set": ref, "model_version": scorer.version, "stats": stats},
+                  sys.stdout)
+        print()
+    else:
+        print()
+        print("stats: " + json.dumps(stats))
+    return 0
+
+
 def main(argv: list[str]) -> int:
     cmd, rest = argv[0], argv[1:]
-    return {"serve": serve, "score": score, "check": check}[cmd](rest)
+    return {"serve": serve, "score": score, "check": check, "generate": generate}[cmd](rest)

@@ -32,9 +32,16 @@ from typing import TYPE_CHECKING
 from pydantic import ValidationError
 
 from principles.schema import Principle
-from rm_core.rain import CausalLMSampler, GenerationResult, RainConfig, generate, generation_context
+from rm_core.rain import (
+    CausalLMSampler,
+    GenerationResult,
+    RainConfig,
+    generate,
+    generation_context,
+    sampler_for,
+)
 from rm_core.render import Prompt, Renderer, RenderError
-from rm_core.scorers import CausalLMScorer, Scorer
+from rm_core.scorers import Scorer
 from rm_service.errors import (
     InvalidRequest,
     NotReady,
@@ -101,16 +108,9 @@ class GenerationService:
             hit = self._samplers.get(scorer.version)
             if hit is not None:
                 return hit
-            if isinstance(scorer, CausalLMScorer):
-                built = (CausalLMSampler(scorer.model, scorer.tokenizer), scorer.renderer)
-            else:
-                from salmon.modeling import load_causal_lm, load_tokenizer
-
-                source = scorer.base_model if scorer.base_model not in {"", "none"} else self.settings.model
-                tok = load_tokenizer(source)
-                model = load_causal_lm(source, self.service.models.options)
-                built = (CausalLMSampler(model, tok),
-                         Renderer(tok, self.settings.max_prompt_tokens, self.settings.max_response_tokens))
+            st = self.settings
+            built = sampler_for(scorer, st.model, self.service.models.options, st.max_prompt_tokens,
+                                st.max_response_tokens)
             self._samplers = {scorer.version: built}  # one version at a time: a reload retires the old one
             return built
 

@@ -15,11 +15,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("rm_service.cli", "run the principle-following reward-model service"),
     "score": ("rm_service.cli", "score (prompt, response) pairs from the command line, no server"),
     "check": ("rm_service.cli", "report every scorer's principle-flip rate on the labelled check set"),
+    "generate": ("rm_service.cli", "generate under principles: RAIN search (--rain) or plain sampling, no server"),
     "synth": ("data_synth.cli", "synthetic principle preferences: prompts, sample, judge, aggregate, watch"),
     "rm-train": ("data_synth.cli", "train a principle-following reward model and publish a registry version"),
     "rm-pretrain": ("data_synth.cli", "rebuild the shipped principle-following reward model (minimal pairs, many axes)"),
     "train": ("policy_trainer.cli", "RL (grpo | rloo | ppo) with rewards from the service over HTTP"),
     "isheep": ("salmon_cli.isheep", "I-SHEEP: the model writes, answers, rates and trains on its own data, per iteration"),
+    "self-align": ("salmon_cli.self_align", "SELF-ALIGN: rules-in-context answers to TGRT prompts, engraved by SFT"),
     "demo": ("salmon_cli.demo", "the whole loop on the embedded default, on one CPU machine"),
     "bench": ("benchmarks.cli", "benchmark scoring against its limit and a baseline"),
 }

@@ -217,3 +217,26 @@ def test_causal_lm_sampler_on_the_tiny_model(tiny_model_dir):
     r = rain_generate(sampler, lambda texts: [float(len(t)) for t in texts], ctx,
                       RainConfig(max_new_tokens=12, max_expansions=6, min_segment_tokens=2, commit_visits=3))
     assert len(r.tokens) <= 12 and r.stats.iterations <= 6 and r.stats.tokens_sampled >= len(r.tokens)
+
+
+def test_the_check_set_loads_and_its_rules_judge():
+    from rm_core.rain_checks import RainRule, count_sentences, load_rain_checks, rule_violations
+
+    checks = load_rain_checks()
+    assert len(checks) >= 10 and all(c.principle.negative_definition for c in checks)
+    price = next(c for c in checks if c.id == "price_iphone").rule
+    assert rule_violations(price, "The base model costs $799.") and not rule_violations(price, "Prices vary by model.")
+    assert count_sentences("It is 3.5 m tall. Really! Yes") == 3
+    assert rule_violations(RainRule(max_sentences=1), "One. Two.") == ["2 sentences"]
+    assert rule_violations(RainRule(max_words=3), "one two three four") == ["4 words"]
+    assert rule_violations(None, "anything") == []
+
+
+def test_a_bad_check_set_is_a_user_error(tmp_path):
+    from rm_core.rain_checks import load_rain_checks
+    from salmon.errors import UserError
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("checks:\n  - {id: a, prompt: p, principle: {name: n, definition: d}, rule: {absent: '('}}\n")
+    with pytest.raises(UserError, match="checks\\[0\\]"):
+        load_rain_checks(bad)

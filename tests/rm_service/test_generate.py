@@ -158,3 +158,28 @@ def test_the_route_is_in_the_openapi_description(server):
     spec = httpx.get(server.url + "/openapi.json").json()
     assert "/v1/generate" in spec["paths"]
     assert "GenerateRequest" in spec["components"]["schemas"]
+
+
+def test_cli_generate_streams_text_then_stats(tiny_model_dir, capsys):
+    from salmon_cli.main import main
+
+    rc = main(["generate", "--model", str(tiny_model_dir), "--scorer", "contrastive", "--prompt", "Say hello.",
+               "--principles", "concise", "--rain", "--max-new-tokens", "6", "--max-expansions", "3"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    stats = json.loads(out.strip().splitlines()[-1].removeprefix("stats: "))
+    assert stats["search"] == "rain" and stats["iterations"] <= 3 and stats["tokens_committed"] <= 6
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--principles", "no-such-set"], "--principles"),
+    (["--max-new-tokens", "0"], "max_new_tokens"),
+    (["--principle", "Answer in one sentence."], "negative_definition"),
+    (["--negate", "nope"], "--negate"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(tiny_model_dir, capsys, argv, says):
+    from salmon_cli.main import main
+
+    rc = main(["generate", "--model", str(tiny_model_dir), "--scorer", "contrastive", "--prompt", "x", *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("salmon generate: error:") and says in err[-1]

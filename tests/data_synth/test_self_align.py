@@ -129,13 +129,18 @@ def test_answers_stage_resumes_after_sigkill_inside_a_shard_write(tiny_model_dir
     st = (out / "shard-00000.jsonl").stat()
     assert (st.st_ino, st.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)  # finished: not recomputed
     assert not list(out.glob(".*.tmp"))
-    # The same bytes as a clean run.
+    # The same bytes as a clean run (in this process: the same settings as the script's).
+    import torch
+
+    from data_synth.self_align import run_answers
+
     clean = tmp_path / "clean"
-    assert run_script(tiny_model_dir, clean).returncode == 0
+    threads = torch.get_num_threads()
+    rows = [{"id": f"q{i}", "prompt": f"Question number {i}?", "type": "general"} for i in range(6)]
+    run_answers(tiny_model_dir, rows, clean, AnswerConfig(max_new_tokens=8, batch_size=2, shard_size=2), "rules")
+    assert torch.get_num_threads() == threads
     for name in ("shard-00000.jsonl", "shard-00001.jsonl", "shard-00002.jsonl"):
         assert (out / name).read_bytes() == (clean / name).read_bytes()
     # Other settings into the same directory are refused.
-    from data_synth.self_align import run_answers
-
     with pytest.raises(UserError, match="different inputs or settings"):
         run_answers(tiny_model_dir, [{"id": "z", "prompt": "other"}], out, AnswerConfig(), "rules")

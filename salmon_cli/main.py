@@ -22,7 +22,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("policy_trainer.cli", "RL (grpo | rloo | ppo) with rewards from the service over HTTP"),
     "isheep": ("salmon_cli.isheep", "I-SHEEP: the model writes, answers, rates and trains on its own data, per iteration"),
     "self-align": ("salmon_cli.self_align", "SELF-ALIGN: rules-in-context answers to TGRT prompts, engraved by SFT"),
-    "self-align": ("salmon_cli.self_align", "SELF-ALIGN: rules-in-context answers to TGRT prompts, engraved by SFT"),
     "demo": ("salmon_cli.demo", "the whole loop on the embedded default, on one CPU machine"),
     "bench": ("benchmarks.cli", "benchmark scoring against its limit and a baseline"),
 }

@@ -46,7 +46,10 @@ def clean_run(tiny_model_dir, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("self-align")
     out = tmp / "out"
-    cfg = write_config(tmp, tiny_model_dir, out)
+    # With verbose cloning, so its pass (engraved model under the verbose prompt, filtered, distilled) runs too.
+    verbose = {"enabled": True, "max_new_tokens": 12,
+               "sft": {"epochs": 1, "per_device_train_batch_size": 2, "lora": {"r": 4, "alpha": 8}, "num_threads": 1}}
+    cfg = write_config(tmp, tiny_model_dir, out, verbose=verbose)
     assert main(["self-align", "--config", str(cfg)]) == 0
     return tmp, out, cfg
 
@@ -54,7 +57,7 @@ def clean_run(tiny_model_dir, tmp_path_factory):
 def test_report_has_every_condition_with_spread_and_the_filter_counts(clean_run):
     _, out, _ = clean_run
     rep = json.loads((out / "report.json").read_text())
-    assert list(rep["conditions"]) == ["base", "base_rules", "engraved"]
+    assert list(rep["conditions"]) == ["base", "base_rules", "engraved", "verbose"]
     for c in rep["conditions"].values():
         assert c["score"]["n"] == 4 and c["score"]["sd"] is not None and len(c["scores"]) == 4
         assert c["length_tokens"]["mean"] > 0
@@ -76,6 +79,12 @@ def test_what_is_kept_is_exactly_what_is_trained_on_and_heldout_never(clean_run)
     assert set(answers) == {k["id"] for k in kept} | {d["id"] for d in jsonl(out / "filter" / "dropped.jsonl")}
     held = {h["prompt"] for h in jsonl(out / "heldout.jsonl")}
     assert held and not held & {r["prompt"] for r in rows}
+    # Verbose cloning: its kept answers are what the second SFT trained on, starting from the engraved model.
+    vkept = jsonl(out / "verbose_filter" / "kept.jsonl")
+    assert jsonl(out / "verbose_engrave" / "sft_data.jsonl") == [{"prompt": k["prompt"], "completion": k["completion"]}
+                                                                  for k in vkept]
+    adapter = json.loads(next((out / "verbose_engrave").glob("checkpoint-*/adapter_config.json")).read_text())
+    assert adapter["base_model_name_or_path"] == str(out / "engrave" / "merged")
 
 
 def test_a_rerun_reads_everything_back(clean_run):

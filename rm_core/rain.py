@@ -27,9 +27,9 @@ The search, in our words:
   at one position the best child by Q is committed anyway (``forced_commits``).
 - **Budgets**: never more than ``max_new_tokens`` committed tokens (segments are cut to what is left);
   at most ``max_expansions`` iterations; a wall-time deadline ``time_budget_s`` checked before every
-  iteration (so it is overshot by at most one iteration). When the iterations run out the best path
-  is committed and, with ``finish: sample``, the rest is sampled plainly within the token budget; at
-  the deadline the response ends where the search was.
+  iteration (so it is overshot by at most one iteration). When the iterations run out or the
+  deadline passes, the most visited path is committed; after the iterations (not the deadline), with
+  ``finish: sample``, the rest is sampled plainly within the token budget.
 
 Plain sampling (:func:`plain_generate`) is the same interface without search: one sample of
 ``max_new_tokens``. Nothing here knows HTTP: the service passes a value function that goes through
@@ -292,6 +292,7 @@ class RainSearch:
                 break
             if self.clock() >= deadline:
                 st.stopped = "deadline"
+                root = self.finish(root, deadline)  # the best path so far; no time left to sample more
                 break
             if st.iterations >= cfg.max_expansions:
                 st.stopped = "max_expansions"
@@ -325,8 +326,8 @@ class RainSearch:
         return GenerationResult(self.sampler.decode(root.response), root.response, self.segments, st)
 
     def finish(self, root: Node, deadline: float) -> Node:
-        """The iterations ran out: commit the most visited path, then (``finish: sample``, time left)
-        sample the rest plainly within the token budget."""
+        """A budget ran out: commit the most visited path, then (``finish: sample``, time left) sample
+        the rest plainly within the token budget."""
         while root.children and not self.terminal(root):
             root = self.commit(root, self.best_by_visits(root))
         if self.cfg.finish == "sample" and not self.terminal(root) and self.clock() < deadline \

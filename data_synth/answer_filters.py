@@ -40,8 +40,9 @@ DEFAULT_BLACKLIST: tuple[str, ...] = (
     "i'm sorry, but i cannot provide",
 )
 
-# Where an "internal thoughts" block, if the model echoed it into its answer, ends.
-THOUGHTS_RE = re.compile(r"^\s*\**\s*(?:internal\s+)?thoughts?\s*\**\s*:.*?(?:\n\s*\n|\s\**\s*answer\s*\**\s*:\s*\**|\Z)",
+# A leading "internal thoughts" block: it ends at the first line break (the exemplars' thoughts are one
+# line) or at an "Answer:" label on the same line; with neither, the whole text is thoughts.
+THOUGHTS_RE = re.compile(r"^\s*\**\s*(?:internal\s+)?thoughts?\s*\**\s*:.*?(?:\n|\s\**\s*answer\s*\**\s*:\s*\**|\Z)",
                          re.IGNORECASE | re.DOTALL)
 ANSWER_LABEL_RE = re.compile(r"^\s*\**\s*answer\s*\**\s*:\s*\**\s*", re.IGNORECASE)
 

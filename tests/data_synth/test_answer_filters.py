@@ -58,6 +58,8 @@ def test_drop_repeated_sentences(text, want):
     ("**Internal thoughts:** x.\n**Answer:** Use a spoon.", "Use a spoon."),
     ("Answer: Use a spoon.", "Use a spoon."),
     ("Use a spoon. Thoughts: later.", "Use a spoon. Thoughts: later."),  # only a leading block is thoughts
+    ("Thoughts: step_by_step applies.\nFirst boil the water.", "First boil the water."),  # thoughts are one line
+    ("Thoughts: it never got to an answer", ""),
 ])
 def test_strip_thoughts(text, want):
     assert strip_thoughts(text) == want
@@ -101,6 +103,14 @@ def test_filters_can_be_turned_off():
     text = "Thoughts: x.\n\nA. A.\nUser: as an ai language model"
     kept, counts = apply_filters([text], cfg)
     assert kept[0].text == text and counts.kept == 1 and not any(counts.changed.values())
+
+
+def test_filter_all_keeps_every_result_in_order_with_its_reason():
+    from data_synth.answer_filters import filter_all
+
+    results, counts = filter_all(["a fine answer here", "no"], AnswerFilterConfig(min_words=2))
+    assert [(r.index, r.dropped) for r in results] == [(0, None), (1, "too_short: 1 words < 2")]
+    assert counts.kept == 1 and counts.dropped["too_short"] == 1
 
 
 def test_counts_add_and_round_trip():

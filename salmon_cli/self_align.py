@@ -246,8 +246,9 @@ def build_report(cfg: SelfAlignConfig, heldout: list[dict], train_prompts: list[
     conditions = {}
     for c, scores in scored["scores"].items():
         texts = scored["texts"][c]
+        # An answer the edits leave empty (all thoughts, or only a next turn) is scored as empty, and counted.
         conditions[c] = {"score": mean_sd(scores), "length_tokens": mean_sd([float(n) for n in n_tokens(texts)]),
-                         "scores": scores}
+                         "empty_answers": sum(1 for x in texts if not x), "scores": scores}
     examples = [{"prompt": h["prompt"], **{c: scored["texts"][c][i] for c in scored["texts"]}}
                 for i, h in enumerate(heldout[:4])]
     return {

@@ -67,8 +67,8 @@ class RainConfig(BaseModel):
     candidates: int = Field(default=3, ge=1, le=16, description="Segments sampled per expansion.")
     min_segment_tokens: int = Field(default=4, ge=1, description="Segment length at the start and after a rewind.")
     max_segment_tokens: int = Field(default=16, ge=1)
-    segment_growth: float = Field(default=2.0, ge=1.0, description="Segment length factor after a confident commit.")
-    c_puct: float = Field(default=1.0, ge=0, description="Weight of the prior/exploration term in PUCT.")
+    segment_growth: float = Field(default=2.0, ge=1.0, le=8.0, description="Segment length factor after a confident commit.")
+    c_puct: float = Field(default=1.0, ge=0, le=100.0, description="Weight of the prior/exploration term in PUCT.")
     commit_visits: int = Field(default=4, ge=1, description="Visits the root's best child needs to be committed.")
     confident_share: float = Field(default=0.6, gt=0, le=1,
                                    description="Share of the root's visits its committed child held for the segment length to grow.")
@@ -76,7 +76,7 @@ class RainConfig(BaseModel):
                                 description="How far below the committed prefix's value a child's Q may be and still commit.")
     rewind_after: int = Field(default=4, ge=1, description="Iterations without a committable child before a rewind.")
     max_rewinds_per_step: int = Field(default=1, ge=0, description="Rewinds at one position before a forced commit.")
-    temperature: float = Field(default=0.8, gt=0)
+    temperature: float = Field(default=0.8, ge=0.05, le=10.0, description="Below 0.05 the softmax overflows.")
     top_p: float = Field(default=0.95, gt=0, le=1)
     value_per_token: bool = Field(default=True, description="Divide a response's value by its token count.")
     principles_in_context: bool = Field(

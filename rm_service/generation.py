@@ -57,6 +57,9 @@ if TYPE_CHECKING:
     from rm_service.serving import ScoreService
 
 
+RESPONSE_MARGIN = 16  # response tokens kept free for the closing turn and re-tokenization
+
+
 @dataclass
 class GenerationJob:
     """A validated request, ready to run: its search, model side and value function."""
@@ -115,11 +118,20 @@ class GenerationService:
             return built
 
     # -- validation -------------------------------------------------------------------------------
+    @property
+    def max_new_tokens(self) -> int:
+        """Tokens a generation may ask for: every candidate must stay scorable, and the scorer's response
+        holds the closing turn's tokens too (a text re-tokenizes to about its tokens, rarely a few more)."""
+        st = self.settings
+        return max(1, min(st.generate_max_new_tokens, st.max_response_tokens - RESPONSE_MARGIN))
+
     def config(self, req: GenerateRequest) -> RainConfig:
         st = self.settings
-        if req.max_new_tokens is not None and req.max_new_tokens > st.generate_max_new_tokens:
-            raise InvalidRequest(f"max_new_tokens {req.max_new_tokens} is over this server's limit of "
-                                 f"{st.generate_max_new_tokens} (generate_max_new_tokens)", param="max_new_tokens")
+        limit = self.max_new_tokens
+        if req.max_new_tokens is not None and req.max_new_tokens > limit:
+            raise InvalidRequest(f"max_new_tokens {req.max_new_tokens} is over this server's limit of {limit} "
+                                 "(generate_max_new_tokens, and the scorer's max_response_tokens less the "
+                                 "closing turn)", param="max_new_tokens")
         if req.time_budget_s is not None and req.time_budget_s > st.generate_max_time_s:
             raise InvalidRequest(f"time_budget_s {req.time_budget_s:g} is over this server's limit of "
                                  f"{st.generate_max_time_s:g} s (generate_max_time_s)", param="time_budget_s")
@@ -131,7 +143,7 @@ class GenerationService:
         top = {k: getattr(req, k) for k in ("max_new_tokens", "time_budget_s", "temperature", "top_p", "seed")
                if getattr(req, k) is not None}
         base = RainConfig()
-        limits = {"max_new_tokens": min(base.max_new_tokens, st.generate_max_new_tokens),
+        limits = {"max_new_tokens": min(base.max_new_tokens, limit),
                   "time_budget_s": min(base.time_budget_s, st.generate_max_time_s),
                   "max_expansions": min(base.max_expansions, st.generate_max_expansions)}
         try:

@@ -183,3 +183,30 @@ def test_cli_bad_input_is_one_line_and_exit_2(tiny_model_dir, capsys, argv, says
     rc = main(["generate", "--model", str(tiny_model_dir), "--scorer", "contrastive", "--prompt", "x", *argv])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1].startswith("salmon generate: error:") and says in err[-1]
+
+
+@pytest.mark.slow
+def test_rain_on_the_embedded_model_streams_a_valued_answer():
+    """The real SmolLM2-135M behind the service: a short RAIN search, streamed, within its budgets."""
+    principle = {"name": "no_price", "definition": "The response never mentions a price or amount of money.",
+                 "negative_definition": "The response states prices and amounts of money."}
+    with ServerThread(ServiceSettings(port=0, request_timeout_s=120)) as srv:
+        with httpx.stream("POST", srv.url + "/v1/generate", timeout=120, json={
+                "prompt": "How much does a new iPhone cost?", "principles": [principle], "stream": True,
+                "max_new_tokens": 12, "time_budget_s": 30, "seed": 0,
+                "options": {"max_expansions": 6, "min_segment_tokens": 4}}) as r:
+            assert r.status_code == 200
+            evs = events(r.read().decode())
+    done = evs[-1][1]
+    st = done["stats"]
+    assert evs[-1][0] == "done" and done["scorer"] == "contrastive" and done["model_version"] == "contrastive:embedded"
+    assert "".join(d["text"] for n, d in evs if n == "segment") == done["text"]
+    assert st["tokens_committed"] <= 12 and st["iterations"] <= 6 and st["wall_s"] < 40
+    assert st["value_evaluations"] >= 2 and st["final_value"] is not None
+
+
+def test_the_token_limit_keeps_every_candidate_scorable():
+    from rm_service.serving import ScoreService
+
+    svc = ScoreService(ServiceSettings(scorer="rule", max_response_tokens=24, generate_max_new_tokens=256))
+    assert svc.generation.max_new_tokens == 8  # 24 less the closing turn's margin

@@ -39,6 +39,7 @@ its batcher, the CLI one that calls the scorer directly (:func:`scorer_value_fn`
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -388,6 +389,10 @@ class CausalLMSampler:
         self.model = model
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
+        # The last context's keys/values and next-token logits: a search's calls share the principle block,
+        # the prompt and the committed text, so each runs only the tokens after what it shares.
+        self._kept: tuple[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor] | None = None
+        self._kept_lock = threading.Lock()
         stops = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
         self.stop_ids = {int(i) for i in stops if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id}
 
@@ -405,14 +410,40 @@ class CausalLMSampler:
             return order.gather(-1, pick)[:, 0]
         return torch.multinomial(probs, 1, generator=gen)[:, 0]
 
+    def context_state(self, context: tuple[int, ...]):
+        """(key/value cache, next-token logits [1, vocab]) after ``context``, reusing the kept prefix."""
+        from transformers import DynamicCache
+
+        with self._kept_lock:
+            kept = self._kept
+        shared = 0
+        if kept is not None:
+            ids = kept[0]
+            while shared < min(len(ids), len(context)) and ids[shared] == context[shared]:
+                shared += 1
+        if kept is not None and shared == len(context) == len(kept[0]):
+            base, logits = kept[1], kept[2]
+            cache = DynamicCache(ddp_cache_data=[(k, v) for k, v in base], config=self.model.config)
+            return cache, logits
+        shared = min(shared, len(context) - 1)  # at least one token runs: its logits are the next token's
+        base = [(k[:, :, :shared], v[:, :, :shared]) for k, v in kept[1]] if kept is not None and shared else None
+        cache = DynamicCache(ddp_cache_data=base, config=self.model.config)
+        x = torch.tensor([list(context[shared:])], dtype=torch.long, device=self.device)
+        pos = torch.arange(shared, len(context), device=self.device)[None]
+        out = self.model(input_ids=x, position_ids=pos, use_cache=True, **kv_cache_kwargs(self.model, cache))
+        cache = returned_kv_cache(out)
+        logits = out.logits[:, -1].float()
+        # Clones: the cache grows (and is repeated per row) while sampling; the kept copy must not change.
+        state = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+        with self._kept_lock:
+            self._kept = (tuple(context), state, logits)
+        return cache, logits
+
     @torch.inference_mode()
     def sample(self, context: Sequence[int], n: int, max_tokens: int, seed: int, temperature: float = 0.8,
                top_p: float = 0.95) -> list[Segment]:
         gen = torch.Generator(device="cpu").manual_seed(int(seed) % (2 ** 63))
-        x = torch.tensor([list(context)], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=x, use_cache=True)
-        cache = returned_kv_cache(out)
-        logits = out.logits[:, -1].float()
+        cache, logits = self.context_state(tuple(context))
         if n > 1:
             cache.batch_repeat_interleave(n)
             logits = logits.expand(n, -1)

@@ -240,3 +240,24 @@ def test_a_bad_check_set_is_a_user_error(tmp_path):
     bad.write_text("checks:\n  - {id: a, prompt: p, principle: {name: n, definition: d}, rule: {absent: '('}}\n")
     with pytest.raises(UserError, match="checks\\[0\\]"):
         load_rain_checks(bad)
+
+
+def test_the_sampler_reuses_the_shared_context_and_matches_a_full_forward(tiny_model_dir):
+    import torch
+
+    from salmon.modeling import kv_cache_kwargs, load_causal_lm, load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    model = load_causal_lm(str(tiny_model_dir))
+    sampler = CausalLMSampler(model, tok)
+    ctx = tuple(tok("The principles, then the prompt asks a question", add_special_tokens=False)["input_ids"])
+    sampler.sample(ctx + (11, 12, 13), 2, 3, seed=1)  # keeps a branch the next contexts diverge from
+    with torch.inference_mode():
+        for c in [ctx, ctx + (42,), ctx, ctx + (42, 43), ctx[:4]]:
+            cache, logits = sampler.context_state(c)
+            full = model(input_ids=torch.tensor([list(c)])).logits[:, -1].float()
+            assert torch.allclose(logits, full, atol=1e-4)
+            # Sampling grows the cache; the kept copy must not change under it.
+            step = model(input_ids=torch.tensor([[77]]), use_cache=True, **kv_cache_kwargs(model, cache))
+            assert torch.allclose(step.logits[:, -1], model(input_ids=torch.tensor([[*c, 77]])).logits[:, -1],
+                                  atol=1e-4)

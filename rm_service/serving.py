@@ -460,8 +460,8 @@ class ScoreService:
         for the conversation of ``messages``, through the pipeline of /get_reward or of /v1/score."""
         spec = req.principle_set or header_set
         if req.messages is not None:
-            *prompt, last = req.messages
-            if last.role != "assistant" or not any(m.role == "user" for m in prompt):
+            prompt, last = req.messages[:-1], (req.messages[-1] if req.messages else None)
+            if last is None or last.role != "assistant" or not any(m.role == "user" for m in prompt):
                 raise InvalidRequest("'messages' must end with the assistant response to score, after at least "
                                      "one user turn", param="messages")
             out = await self.score(ScoreRequest(items=[ScoreItem(prompt=prompt, response=last.content)],

@@ -82,6 +82,7 @@ def test_messages_principle_set_by_field_or_header_and_activation(serve):
     ({"input": "x", "temperature": 1}, 422, "temperature"),                   # unknown field
     ({"input": "no chat template here"}, 422, "input.0"),
     ({"messages": [{"role": "user", "content": "q"}]}, 422, "messages"),     # nothing to score
+    ({"messages": []}, 422, "messages"),                                    # found by the schema fuzz: was a 500
     ({"input": ["t"] * (MAX_ITEMS + 1)}, 413, "input"),
     ({"input": "x", "principle_set": "no-such-set"}, 404, "principle_set"),
 ])

@@ -262,7 +262,7 @@ class IterativeTrainer:
         jpath, ppath = self.out / REPORT_JSON, self.out / REPORT_PNG
         report = self.report()
         atomic_write_json(jpath, report)
-        atomic_write_bytes(ppath, _figure(report, self.figure_keys()))
+        atomic_write_bytes(ppath, report_figure(report, self.figure_keys()))
         return jpath, ppath
 
     def figure_keys(self) -> list[tuple[str, str | None, str]]:
@@ -270,7 +270,7 @@ class IterativeTrainer:
         return []
 
 
-def _figure(report: dict[str, Any], panels: list[tuple[str, str | None, str]]) -> bytes:
+def report_figure(report: dict[str, Any], panels: list[tuple[str, str | None, str]]) -> bytes:
     import io
 
     import matplotlib

@@ -57,6 +57,10 @@ log = logging.getLogger(__name__)
 
 STAGES = ("questions", "initial", "critique", "refined", "pairs")
 FUNNEL_PNG = "savi_funnel.png"
+# The report's panels beside the held-out score, for both variants.
+PANELS = (("initial_score_mean", "initial_score_std", "service score: initial answers (mean ± std)"),
+          ("refined_score_mean", "refined_score_std", "service score: refined answers (mean ± std)"),
+          ("pairs_kept", None, "pairs kept (refined ≻ initial)"))
 
 
 def passage_of(row: dict[str, Any]) -> str:
@@ -286,9 +290,7 @@ class SAVITrainer(SAVIStages, DNOTrainer):
         return self.state
 
     def figure_keys(self) -> list[tuple[str, str | None, str]]:
-        return [("initial_score_mean", "initial_score_std", "service score: initial answers (mean ± std)"),
-                ("refined_score_mean", "refined_score_std", "service score: refined answers (mean ± std)"),
-                ("pairs_kept", None, "pairs kept (refined ≻ initial)")]
+        return list(PANELS)
 
     def report(self) -> dict[str, Any]:
         rep = super().report()
@@ -303,11 +305,11 @@ class SAVITrainer(SAVIStages, DNOTrainer):
 
     def write_report(self) -> tuple[Path, Path]:
         paths = super().write_report()
-        atomic_write_bytes(self.out / FUNNEL_PNG, _funnel(self.rounds))
+        atomic_write_bytes(self.out / FUNNEL_PNG, funnel_figure(self.rounds))
         return paths
 
 
-def _funnel(rounds: list[dict[str, Any]]) -> bytes:
+def funnel_figure(rounds: list[dict[str, Any]]) -> bytes:
     """Per round: how many items reached each stage, and the held-out score before/after each round."""
     import io
 

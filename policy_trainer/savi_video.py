@@ -8,12 +8,16 @@ reward service scores (initial, refined) under the run's set through the one cli
 does not prefer are dropped and counted. The stage files and counts are those of the text variant.
 
 ``dpo_rows`` gives the kept pairs in the form TRL's DPOTrainer takes for a VLM (an ``images`` column and
-messages with image placeholders). Not in this version: training on them inside the method table (DNO's
-DPO step takes text pairs only), and a grounding filter against frames (it needs an image-text
-similarity model; the lexical one needs text).
+messages with image placeholders). ``VideoSAVITrainer`` is the method table's ``savi`` when the run
+config names ``savi.videos``: rounds of these stages on the training videos, DPO on each round's kept
+pairs (a fresh LoRA on the current iterate, whose adapter-off self is the reference, merged after the
+round), and before the first round and after every round the iterate answers the held-out videos'
+questions greedily and the service scores the answers. Not in this version: a grounding filter
+against frames (it needs an image-text similarity model; the lexical one needs text).
 
+    salmon train --config run.yaml      # algorithm: savi, savi: {videos: videos.jsonl}, policy.model: a VLM
     python -m policy_trainer.savi_video --model DIR --videos videos.jsonl --out runs/savi_video \\
-        --url http://127.0.0.1:8000 --principle-set faithful --frames 8
+        --url http://127.0.0.1:8000 --principle-set faithful --frames 8    # one round of stages, no training
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import argparse
 import logging
 import zlib
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -29,8 +34,8 @@ import torch
 from policy_trainer.savi import SAVIStages, user
 from policy_trainer.savi_config import SAVISettings
 from policy_trainer.savi_text import answer_prompt
-from principles.schema import load_principle_set
-from salmon.atomic import JsonlError, atomic_write_json, read_jsonl
+from principles.schema import PrincipleSet, load_principle_set
+from salmon.atomic import JsonlError, atomic_write_bytes, atomic_write_json, read_jsonl
 from salmon.errors import UserError
 from salmon_client.client import Group, SalmonClient
 
@@ -61,7 +66,8 @@ class VideoSAVi(SAVIStages):
     source = "video"
     aspects = ("spatial", "temporal")
 
-    def __init__(self, model_dir: str | Path, settings: SAVISettings, client: SalmonClient, principle_set: str,
+    def __init__(self, model_dir: str | Path, settings: SAVISettings, client: SalmonClient,
+                 principle_set: str | PrincipleSet,
                  work: Path, *, num_frames: int = 8, max_new_tokens: int = 64, temperature: float = 0.8,
                  device: str = "cpu", seed: int = 0):
         from salmon.modeling import ModelOptions, load_vision_lm
@@ -69,7 +75,8 @@ class VideoSAVi(SAVIStages):
         if num_frames < 1:
             raise UserError(f"--frames {num_frames}: give at least 1")
         self.s, self.client, self.work = settings, client, Path(work)
-        self.pset = client.resolve_set(load_principle_set(principle_set))  # registered, named by name@hash
+        pset = load_principle_set(principle_set) if isinstance(principle_set, str) else principle_set
+        self.pset = client.resolve_set(pset)  # registered, named by name@hash
         self.model, self.processor = load_vision_lm(model_dir, ModelOptions(device=device))
         self.num_frames, self.max_new_tokens, self.temperature, self.seed = num_frames, max_new_tokens, temperature, seed
         self._frames: dict[str, list[Any]] = {}
@@ -84,8 +91,13 @@ class VideoSAVi(SAVIStages):
     def messages(self, text: str, n_images: int) -> list[dict[str, Any]]:
         return [{"role": "user", "content": [*([{"type": "image"}] * n_images), {"type": "text", "text": text}]}]
 
-    @torch.no_grad()
     def _gen(self, prompts: list[str], recs: list[dict], desc: str, max_new_tokens: int | None = None) -> list[str]:
+        return self.generate(prompts, recs, desc, max_new_tokens, sample=True)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], recs: list[dict], desc: str, max_new_tokens: int | None = None, *,
+                 sample: bool) -> list[str]:
+        """One answer per (prompt, record), the record's frames shown first; sampled, or greedy (held-out)."""
         from tqdm.auto import tqdm
 
         out = []
@@ -96,8 +108,9 @@ class VideoSAVi(SAVIStages):
             enc = self.processor(text=[text], images=[frames], return_tensors="pt").to(self.model.device)
             # Seeded per stage and record: reproducible, and no two stages draw the same noise.
             torch.manual_seed(self.seed + zlib.crc32(desc.encode()) + i)
-            ids = self.model.generate(**enc, do_sample=True, temperature=self.temperature, top_k=0,
-                                      max_new_tokens=max_new_tokens or self.max_new_tokens,
+            kw: dict[str, Any] = dict(do_sample=True, temperature=self.temperature, top_k=0) if sample else \
+                dict(do_sample=False)
+            ids = self.model.generate(**enc, **kw, max_new_tokens=max_new_tokens or self.max_new_tokens,
                                       pad_token_id=tok.pad_token_id)
             out.append(tok.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip())
         return out
@@ -123,6 +136,206 @@ class VideoSAVi(SAVIStages):
                              "chosen": [{"role": "assistant", "content": [{"type": "text", "text": x["refined"]}]}],
                              "rejected": [{"role": "assistant", "content": [{"type": "text", "text": x["initial"]}]}]})
         return rows
+
+
+class VideoSAVITrainer:
+    """VideoSAVi as the runner sees a trainer (policy_trainer.methods.base.Trainer): one round per step.
+
+    A round draws ``prompts_per_iteration`` training videos, runs the stages (read back when their files
+    exist), trains DPO on the kept pairs and evaluates; ``output_dir/savi/state.json`` and the iterate
+    saved after each middle round make a rerun continue after the last finished round.
+    """
+
+    section = "savi"
+
+    def __init__(self, cfg: Any, *, model_dir: Path, reward: Any, callbacks: list[Any] | None = None):
+        from transformers import set_seed
+
+        from policy_trainer.iterative import split_prompts
+        from salmon.modeling import pick_device_and_precision
+
+        self.cfg, self.s, self.model_dir = cfg, cfg.savi, Path(model_dir)
+        self.callbacks = list(callbacks or [])
+        self.out = Path(cfg.output.output_dir)
+        self.work = self.out / "savi"
+        if cfg.output.resume != "auto":
+            import shutil
+
+            shutil.rmtree(self.work, ignore_errors=True)
+        self.args = SimpleNamespace(output_dir=str(self.out))
+        self.state = SimpleNamespace(global_step=0, max_steps=self.s.iterations, log_history=[],
+                                     is_world_process_zero=True)
+        self.device, self.precision = pick_device_and_precision("cpu" if cfg.distributed.use_cpu else "auto",
+                                                                cfg.training.precision)
+        self.accelerator = SimpleNamespace(process_index=0, is_main_process=True, num_processes=1, device=self.device)
+        set_seed(cfg.training.seed)
+        videos = [{**v, "prompt_id": v["passage_id"]} for v in load_videos(self.s.videos)]
+        self.train_videos, self.heldout_videos = split_prompts(videos, self.s.heldout_prompts, "savi")
+        self.reward = reward
+        self.pset = reward.timeline.at_step(0)
+        # The stages call the service synchronously; the run's reward settings (URL, keys, retries) are the same.
+        r = cfg.reward
+        self.client = SalmonClient(r.url, api_key_env=r.api_key_env, admin_key_env=r.admin_key_env,
+                                   connect_timeout_s=r.connect_timeout_s, read_timeout_s=r.read_timeout_s,
+                                   max_items=r.max_items_per_request)
+        t = cfg.training
+        self.stages = VideoSAVi(model_dir, self.s, self.client, self.pset, self.work, num_frames=self.s.frames,
+                                max_new_tokens=t.max_completion_length, temperature=t.temperature,
+                                device=str(self.device), seed=t.seed)
+        self.processing_class = self.stages.processor
+        self.eos_token_ids = [self.stages.processor.tokenizer.eos_token_id]
+        self.rounds: list[dict[str, Any]] = []
+
+    @property
+    def model(self) -> Any:
+        return self.stages.model
+
+    def heldout_questions(self) -> list[tuple[dict[str, Any], str]]:
+        from policy_trainer.savi_text import FALLBACK_QUESTIONS, KINDS
+
+        return [(v, FALLBACK_QUESTIONS[k].format(source="video")) for v in self.heldout_videos for k in KINDS]
+
+    def evaluate(self, r: int) -> dict[str, Any]:
+        from policy_trainer.iterative import mean_std
+
+        items = self.heldout_questions()
+        prompts = [answer_prompt(None, q, "video") for _, q in items]
+        answers = self.stages.generate(prompts, [v for v, _ in items], f"savi: held-out answers (round {r})",
+                                       self.s.eval_max_new_tokens, sample=False)
+        groups = [Group(prompt=user(p), responses=[a], principle_set=self.pset.ref, key=self.pset.ref)
+                  for p, a in zip(prompts, answers, strict=True)]
+        scores = [g[0] for g in self.client.score_groups(groups, headers={"X-Salmon-Run": self.cfg.run_id})]
+        m, sd = mean_std(scores)
+        tok = self.stages.processor.tokenizer
+        return {"heldout_score_mean": m, "heldout_score_std": sd, "heldout_scores": scores,
+                "heldout_mean_length": sum(len(tok(a, add_special_tokens=False)["input_ids"]) for a in answers)
+                / len(answers),
+                "heldout_answers": [{"passage_id": v["passage_id"], "question": q, "answer": a}
+                                    for (v, q), a in zip(items, answers, strict=True)]}
+
+    def dpo(self, r: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """TRL's DPOTrainer on the round's vision rows; the merged result is the next iterate."""
+        import statistics
+
+        from datasets import Dataset
+        from trl import DPOConfig, DPOTrainer
+
+        from policy_trainer.methods.trl_args import peft_config
+
+        t = self.cfg.training
+        args = DPOConfig(
+            output_dir=str(self.out / "dpo" / f"round-{r}"), beta=self.s.beta, num_train_epochs=self.s.epochs,
+            learning_rate=t.learning_rate, per_device_train_batch_size=t.per_device_train_batch_size,
+            gradient_accumulation_steps=t.gradient_accumulation_steps, max_grad_norm=t.max_grad_norm,
+            warmup_steps=t.warmup_steps, seed=t.seed + r, logging_steps=1, save_strategy="no", report_to="none",
+            use_cpu=self.device.type == "cpu", bf16=self.precision == "bf16", fp16=self.precision == "fp16",
+            remove_unused_columns=False, dataloader_num_workers=0, max_length=None)
+        trainer = DPOTrainer(model=self.stages.model, ref_model=None, args=args, train_dataset=Dataset.from_list(rows),
+                             processing_class=self.stages.processor, peft_config=peft_config(self.cfg))
+        if trainer.ref_model is not None:  # the reference must be the adapter-off current iterate, not a copy
+            raise RuntimeError("DPOTrainer built a separate reference model; expected the PEFT adapter-off one")
+        trainer.train()
+        hist = [h for h in trainer.state.log_history if "loss" in h]
+        merged = trainer.model.merge_and_unload() if hasattr(trainer.model, "merge_and_unload") else trainer.model
+        self.stages.model = merged.eval()
+        return {"loss": statistics.fmean(h["loss"] for h in hist) if hist else None,
+                "dpo_steps": trainer.state.global_step,
+                "rewards_accuracy": hist[-1].get("rewards/accuracies") if hist else None}
+
+    def run_round(self, r: int) -> dict[str, Any]:
+        from policy_trainer.iterative import round_rows
+
+        items = round_rows(self.train_videos, self.s.prompts_per_iteration, r, self.cfg.training.seed)
+        recs, figures = self.stages.run(items, r)
+        rows = self.stages.dpo_rows(recs)
+        figures["pairs_trained"] = len(rows)
+        if rows:
+            figures.update(self.dpo(r, rows))
+        else:
+            log.warning("savi round %d: the service preferred no refined answer; the iterate is unchanged", r)
+            figures.update(loss=None, dpo_steps=0)
+        return figures
+
+    def _callbacks(self, event: str) -> None:
+        control = SimpleNamespace(should_save=False)
+        for cb in self.callbacks:
+            fn = getattr(cb, event, None)
+            if fn is not None:
+                fn(self.args, self.state, control)
+
+    def train(self, resume_from_checkpoint: str | None = None) -> Any:
+        import json
+
+        from tqdm.auto import tqdm
+
+        from salmon.modeling import ModelOptions, load_vision_lm
+
+        state_path, iterate = self.work / "state.json", self.work / "iterate"
+        start = 1
+        if state_path.is_file():
+            st = json.loads(state_path.read_text())
+            self.rounds, start = st["rounds"], st["round"] + 1
+            if st["round"] > 0:
+                self.stages.model, _ = load_vision_lm(iterate, ModelOptions(device=str(self.device)))
+            self.state.global_step = st["round"]
+            log.warning("savi: resuming after round %d from %s", st["round"], self.work)
+        else:
+            self.rounds = [{"iteration": 0, **self.evaluate(0)}]
+            atomic_write_json(state_path, {"round": 0, "rounds": self.rounds})
+        self.write_report()
+        for r in tqdm(range(start, self.s.iterations + 1), desc="savi (video)", unit="round", initial=start - 1,
+                      total=self.s.iterations):
+            self._callbacks("on_step_begin")
+            figures = self.run_round(r)
+            self.state.global_step = r
+            row = {"iteration": r, **figures, **self.evaluate(r)}
+            self.rounds.append(row)
+            self.state.log_history.append({"step": r, "loss": figures.get("loss"),
+                                           **{k: v for k, v in row.items() if isinstance(v, int | float)}})
+            self._callbacks("on_step_end")
+            if r < self.s.iterations:  # the last iterate is the run's result; only a middle one is resumed from
+                self.save_iterate(iterate)
+            atomic_write_json(state_path, {"round": r, "rounds": self.rounds})
+            self.write_report()
+        return self.state
+
+    def save_iterate(self, target: Path) -> None:
+        import shutil
+
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.stages.model.save_pretrained(tmp, safe_serialization=True)
+        self.stages.processor.save_pretrained(tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)  # the state file names a round only after its iterate is complete
+
+    def _save_checkpoint(self, model: Any = None, trial: Any = None) -> None:
+        """What a stopped run keeps: the stage files, the state after the last finished round and its iterate."""
+        self.write_report()
+
+    def report(self) -> dict[str, Any]:
+        first, last = self.rounds[0], self.rounds[-1]
+        trained = [r for r in self.rounds if r["iteration"] > 0]
+        return {"run_id": self.cfg.run_id, "algorithm": self.cfg.algorithm, "variant": "video",
+                "principle_set": self.pset.ref, "reward_url": self.cfg.reward.url,
+                "settings": self.s.model_dump(mode="json"),
+                "heldout_prompt_ids": [v["passage_id"] for v in self.heldout_videos], "iterations": self.rounds,
+                "summary": {"heldout_score_initial": first["heldout_score_mean"],
+                            "heldout_score_final": last["heldout_score_mean"],
+                            "heldout_score_change": last["heldout_score_mean"] - first["heldout_score_mean"],
+                            "pairs_kept_total": sum(r["pairs_kept"] for r in trained),
+                            "pairs_scored_total": sum(r["stage_counts"]["questions"] for r in trained)}}
+
+    def write_report(self) -> tuple[Path, Path]:
+        from policy_trainer.iterative import REPORT_JSON, REPORT_PNG, report_figure
+        from policy_trainer.savi import FUNNEL_PNG, PANELS, funnel_figure
+
+        report = self.report()
+        jpath, ppath = self.out / REPORT_JSON, self.out / REPORT_PNG
+        atomic_write_json(jpath, report)
+        atomic_write_bytes(ppath, report_figure(report, list(PANELS)))
+        atomic_write_bytes(self.out / FUNNEL_PNG, funnel_figure(self.rounds))
+        return jpath, ppath
 
 
 def main(argv: list[str] | None = None) -> int:

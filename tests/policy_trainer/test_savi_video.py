@@ -128,3 +128,88 @@ def test_video_dpo_rows_train_in_trls_dpotrainer(real_service, tiny_vlm, tmp_pat
     assert all(math.isfinite(h["logps/chosen"]) and math.isfinite(h["logps/rejected"]) for h in hist)
     changed = [n for n, p in trainer.model.named_parameters() if n in before and not torch.equal(p, before[n])]
     assert changed  # the LoRA adapter moved
+
+
+def video_run_config(tmp_path, model_dir, url: str, **section):
+    from policy_trainer.config import RunConfig
+
+    for name, start in (("a", 10), ("b", 240), ("c", 120)):
+        write_video(tmp_path / f"{name}.mp4", [start + (5 if start < 200 else -5) * i for i in range(12)], fps=6)
+    path = tmp_path / "videos.jsonl"
+    path.write_text("".join(json.dumps({"id": n, "video": f"{n}.mp4"}) + "\n" for n in "abc"))
+    return RunConfig.model_validate({
+        "algorithm": "savi",
+        "policy": {"model": str(model_dir), "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}},
+        "reward": {"url": url, "retry": {"max_attempts": 3, "initial_backoff_s": 0.05, "budget_s": 5}},
+        "principles": {"set": "faithful"},
+        "training": {"per_device_train_batch_size": 4, "max_completion_length": 6, "learning_rate": 5e-2,
+                     "temperature": 1.0},
+        "output": {"output_dir": str(tmp_path / "run"), "rollouts_dir": None, "tensorboard": False,
+                   "run_id": "savi-video"},
+        "savi": {"videos": str(path), "frames": 3, "iterations": 2, "prompts_per_iteration": 2, "heldout_prompts": 1,
+                 "questions_per_passage": 2, **section},
+    })
+
+
+def test_video_savi_is_the_method_tables_savi_with_dpo_rounds_and_resume(real_service, tiny_vlm, tmp_path,
+                                                                          monkeypatch):
+    """algorithm: savi with savi.videos: rounds of the video stages, TRL DPO on the kept vision rows, held-out
+    videos answered and scored before and after every round, and a rerun continuing after the last round."""
+    import torch
+    from safetensors.torch import load_file
+
+    from policy_trainer.train import run_training
+
+    # The service's verdicts are tested above; here every pair whose texts differ is preferred, so DPO runs.
+    monkeypatch.setattr(VideoSAVi, "score_pairs", lambda self, recs: [(0.0, 1.0 if x["refined"] != x["initial"]
+                                                                       else 0.0) for x in recs])
+    cfg = video_run_config(tmp_path, tiny_vlm, real_service.url)
+    assert run_training(cfg).global_step == 2
+    out = tmp_path / "run"
+    rep = json.loads((out / "iterations.json").read_text())
+    assert rep["variant"] == "video" and rep["heldout_prompt_ids"] == ["c"]
+    assert rep["principle_set"].startswith("faithful@")
+    assert (out / "iterations.png").stat().st_size > 0 and (out / "savi_funnel.png").stat().st_size > 0
+    rounds = rep["iterations"]
+    assert [r["iteration"] for r in rounds] == [0, 1, 2]
+    for r in rounds:  # the held-out video's three questions (what / why / how), each answer scored by the service
+        assert len(r["heldout_answers"]) == 3 and len(r["heldout_scores"]) == 3
+        assert {a["passage_id"] for a in r["heldout_answers"]} == {"c"}
+    for r in rounds[1:]:
+        kept = [x for x in read_jsonl_rows(tmp_path / "run" / "savi" / f"round-{r['iteration']}" / "pairs.jsonl")
+                if x["kept"]]
+        assert r["pairs_kept"] == r["pairs_trained"] == len(kept) > 0  # what is kept is what DPO trains on
+        assert {x["passage_id"] for x in kept} <= {"a", "b"}  # never the held-out video
+        assert r["dpo_steps"] > 0 and math.isfinite(r["loss"])
+    # The iterate saved after round 1 is the base moved by DPO (the adapter was merged into the weights).
+    base = load_file(str(next(tiny_vlm.glob("*.safetensors"))))
+    moved = load_file(str(next((out / "savi" / "iterate").glob("*.safetensors"))))
+    assert any(not torch.equal(base[k], moved[k]) for k in base if k in moved)
+
+    # A rerun after round 1: round 1's stage files and iterate are read back, only round 2 runs again.
+    state = json.loads((out / "savi" / "state.json").read_text())
+    (out / "savi" / "state.json").write_text(json.dumps({"round": 1, "rounds": state["rounds"][:2]}))
+    stamp = {p: p.stat().st_mtime_ns for p in (out / "savi" / "round-1").iterdir()}
+    import shutil
+
+    shutil.rmtree(out / "savi" / "round-2")
+    assert run_training(cfg).global_step == 2
+    again = json.loads((out / "iterations.json").read_text())["iterations"]
+    assert [r["iteration"] for r in again] == [0, 1, 2] and again[:2] == rounds[:2]
+    assert {p: p.stat().st_mtime_ns for p in (out / "savi" / "round-1").iterdir()} == stamp
+    assert (out / "savi" / "round-2" / "pairs.jsonl").is_file()
+
+
+def read_jsonl_rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_video_savi_config_errors(real_service, tiny_vlm, tmp_path):
+    from policy_trainer.train import run_training
+
+    cfg = video_run_config(tmp_path, tiny_vlm, real_service.url, heldout_prompts=3)
+    with pytest.raises(UserError, match="heldout_prompts"):
+        run_training(cfg)
+    cfg = video_run_config(tmp_path, tiny_vlm, real_service.url, videos=str(tmp_path / "missing.jsonl"))
+    with pytest.raises(UserError, match="videos"):
+        run_training(cfg)

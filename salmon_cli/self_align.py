@@ -73,6 +73,8 @@ class EvalConfig(_Strict):
     principle_set: str = Field(default="self_align", description="Set the answers are scored under "
                                "(e.g. self_align or hhh).")
     max_new_tokens: int = Field(default=128, ge=1)
+    thoughts_tokens: int = Field(default=48, ge=0, description="Extra tokens for the base_rules condition, "
+                                 "whose thoughts line comes before the answer (stripped before scoring).")
     seed: int = 7
 
 
@@ -138,11 +140,16 @@ def score_conditions(cfg: SelfAlignConfig, answers: dict[str, list[dict]], out: 
         cached = json.loads(path.read_text())
         if cached.get("key") == key:
             return cached
-    scorer = build_scorer(kind, ScorerOptions(model=e.scorer_model), {})
-    by_condition: dict[str, list[float]] = {}
-    for c, rows in answers.items():
-        items = [(r["prompt"], t) for r, t in zip(rows, texts[c], strict=True)]
-        by_condition[c] = [round(float(s), 4) for s in scorer.score_items(pset.principles, items)]
+    from rm_core.prefix_cache import PrefixCache
+
+    # One call over every (prompt, condition) with a prompt's answers side by side: the principle blocks and
+    # the prompt are a prefix the cache computes once for all of that prompt's answers.
+    scorer = build_scorer(kind, ScorerOptions(model=e.scorer_model), {"prefix_cache": PrefixCache()})
+    names = list(answers)
+    n = len(answers[names[0]])
+    items = [(answers[c][i]["prompt"], texts[c][i]) for i in range(n) for c in names]
+    flat = scorer.score_items(pset.principles, items)
+    by_condition = {c: [round(float(flat[i * len(names) + j]), 4) for i in range(n)] for j, c in enumerate(names)}
     result = {"key": key, "scorer": scorer.version, "scorer_kind": kind, "principle_set": pset.ref,
               "texts": texts, "scores": by_condition}
     atomic_write_json(path, result)
@@ -216,7 +223,8 @@ def run_self_align(cfg: SelfAlignConfig) -> dict[str, Any]:
                                                      "engraved": (engraved, "plain")}
     if verbose_model is not None:
         conditions["verbose"] = (verbose_model, "plain")
-    answers = {c: run_answers(src, heldout, out / "eval" / c, ecfg, mode, loaded)
+    rules_cfg = ecfg.model_copy(update={"max_new_tokens": cfg.eval.max_new_tokens + cfg.eval.thoughts_tokens})
+    answers = {c: run_answers(src, heldout, out / "eval" / c, rules_cfg if mode == "rules" else ecfg, mode, loaded)
                for c, (src, mode) in conditions.items()}
     loaded.clear()
     scored = score_conditions(cfg, answers, out / "eval")

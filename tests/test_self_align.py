@@ -34,7 +34,7 @@ def write_config(tmp: Path, model: Path, out: Path, **extra) -> Path:
            "engrave": {"epochs": 1, "per_device_train_batch_size": 2, "lora": {"r": 4, "alpha": 8},
                        "max_length": 256, "num_threads": 1},
            "eval": {"prompts": str(tmp / "held.jsonl"), "num_prompts": 4, "scorer_model": str(model),
-                    "max_new_tokens": 12}, **extra}
+                    "max_new_tokens": 12, "thoughts_tokens": 4}, **extra}
     path = tmp / f"cfg-{out.name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

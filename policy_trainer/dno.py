@@ -57,6 +57,21 @@ def load_teacher(path: str) -> dict[str, str]:
     return out
 
 
+def dpo_config(cfg: Any, settings: Any, out: Path, r: int, device: Any, precision: str, **extra: Any) -> Any:
+    """TRL's DPOConfig of round ``r`` of an iterated method: ``training:`` for the optimiser, the method's
+    section (``beta``, ``epochs``) for DPO, no checkpoints of its own (the method saves its iterates)."""
+    from trl import DPOConfig
+
+    t = cfg.training
+    return DPOConfig(
+        output_dir=str(out / "dpo" / f"round-{r}"), beta=settings.beta, num_train_epochs=settings.epochs,
+        learning_rate=t.learning_rate, per_device_train_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps, max_grad_norm=t.max_grad_norm,
+        warmup_steps=t.warmup_steps, seed=t.seed + r, logging_steps=1, save_strategy="no", report_to="none",
+        use_cpu=device.type == "cpu", bf16=precision == "bf16", fp16=precision == "fp16",
+        remove_unused_columns=False, dataloader_num_workers=0, **extra)
+
+
 class DNOTrainer(IterativeTrainer):
     section = "dno"
 
@@ -114,20 +129,13 @@ class DNOTrainer(IterativeTrainer):
     def dpo(self, r: int, pairs: list[Pair]) -> tuple[Any, dict[str, Any]]:
         """TRL's DPOTrainer on ``pairs``: a fresh LoRA on the current iterate, whose adapter-off self is the reference."""
         from datasets import Dataset
-        from trl import DPOConfig, DPOTrainer
+        from trl import DPOTrainer
 
         from policy_trainer.methods.trl_args import peft_config
 
-        t = self.cfg.training
         ds = Dataset.from_list([{"prompt": p.prompt, "chosen": [{"role": "assistant", "content": p.chosen}],
                                  "rejected": [{"role": "assistant", "content": p.rejected}]} for p in pairs])
-        args = DPOConfig(
-            output_dir=str(self.out / "dpo" / f"round-{r}"), beta=self.s.beta, num_train_epochs=self.s.epochs,
-            learning_rate=t.learning_rate, per_device_train_batch_size=t.per_device_train_batch_size,
-            gradient_accumulation_steps=t.gradient_accumulation_steps, max_grad_norm=t.max_grad_norm,
-            warmup_steps=t.warmup_steps, seed=t.seed + r, logging_steps=1, save_strategy="no", report_to="none",
-            use_cpu=self.device.type == "cpu", bf16=self.precision == "bf16", fp16=self.precision == "fp16",
-            remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=False)
+        args = dpo_config(self.cfg, self.s, self.out, r, self.device, self.precision, disable_tqdm=False)
         trainer = DPOTrainer(model=self.model, ref_model=None, args=args, train_dataset=ds,
                              processing_class=self.tokenizer, peft_config=peft_config(self.cfg))
         if trainer.ref_model is not None:  # the reference must be the adapter-off current iterate, not a copy

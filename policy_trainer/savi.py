@@ -166,7 +166,58 @@ class SAVIStages:
         }
 
 
-class SAVITrainer(SAVIStages, DNOTrainer):
+class SAVIRounds:
+    """The round loop of both variants, resumable by round: ``work/state.json`` names the last finished
+    round (with the rounds' figures and the best iterate so far) and ``work/iterate`` holds that round's
+    iterate, so a rerun loads it and continues with the next round. A variant gives ``evaluate(r)``,
+    ``run_round(r)``, ``load_iterate(path)``, ``save_iterate(path)``, ``after_round(r, row)``,
+    ``write_report()`` and ``_callbacks(event)`` (no stubs here: in SAVITrainer several come from DNO's
+    and the iterative trainer's classes, later in the method resolution order)."""
+
+    s: SAVISettings
+    work: Path
+    state: Any
+    rounds: list[dict[str, Any]]
+    best: tuple[int, float] | None
+
+    def train(self, resume_from_checkpoint: str | None = None) -> Any:
+        from tqdm.auto import tqdm
+
+        state_path, iterate = self.work / "state.json", self.work / "iterate"
+        start = 1
+        if state_path.is_file():
+            st = json.loads(state_path.read_text())
+            self.rounds, start = st["rounds"], st["round"] + 1
+            self.best = tuple(st["best"]) if st.get("best") else None  # type: ignore[assignment]
+            if st["round"] > 0:
+                self.load_iterate(iterate)  # type: ignore[attr-defined]
+            self.state.global_step = st["round"]
+            log.warning("savi: resuming after round %d from %s", st["round"], self.work)
+        else:
+            self.rounds = [{"iteration": 0, **self.evaluate(0)}]  # type: ignore[attr-defined]
+            atomic_write_json(state_path, {"round": 0, "rounds": self.rounds, "best": None})
+        self.write_report()  # type: ignore[attr-defined]
+        for r in tqdm(range(start, self.s.iterations + 1), desc="savi", unit="round", initial=start - 1,
+                      total=self.s.iterations):
+            self._callbacks("on_step_begin")  # type: ignore[attr-defined]
+            figures = self.run_round(r)  # type: ignore[attr-defined]
+            self.state.global_step = r
+            row = {"iteration": r, **figures, **self.evaluate(r)}  # type: ignore[attr-defined]
+            self.rounds.append(row)
+            self.state.log_history.append({"step": r, "loss": figures.get("loss"),
+                                           **{k: v for k, v in row.items() if isinstance(v, int | float)}})
+            self._callbacks("on_step_end")  # type: ignore[attr-defined]
+            self.after_round(r, row)  # type: ignore[attr-defined]
+            if r < self.s.iterations:  # the last iterate is the run's result; only a middle one is resumed from
+                self.save_iterate(iterate)  # type: ignore[attr-defined]
+            atomic_write_json(state_path, {"round": r, "rounds": self.rounds, "best": self.best})
+            self.write_report()  # type: ignore[attr-defined]
+            log.info("savi round %d: %d pairs kept, held-out score %.4f", r, row["pairs_kept"],
+                     row["heldout_score_mean"])
+        return self.state
+
+
+class SAVITrainer(SAVIStages, SAVIRounds, DNOTrainer):
     section = "savi"
 
     def __init__(self, cfg: Any, **kw: Any):
@@ -247,47 +298,12 @@ class SAVITrainer(SAVIStages, DNOTrainer):
                 "heldout_answers": [{"passage_id": row["prompt_id"], "question": q, "answer": a[0][0]}
                                     for (row, q), a in zip(items, answers, strict=True)]}
 
-    # -- the loop, resumable by round ------------------------------------------------------------
-    def train(self, resume_from_checkpoint: str | None = None) -> Any:
-        from tqdm.auto import tqdm
-
+    def load_iterate(self, path: Path) -> None:
         from salmon.modeling import ModelOptions, load_causal_lm
 
-        state_path, iterate = self.work / "state.json", self.work / "iterate"
-        start = 1
-        if state_path.is_file():
-            st = json.loads(state_path.read_text())
-            self.rounds, start = st["rounds"], st["round"] + 1
-            self.best = tuple(st["best"]) if st.get("best") else None  # type: ignore[assignment]
-            if st["round"] > 0:
-                p = self.cfg.policy
-                self.model = load_causal_lm(iterate, ModelOptions(dtype=p.dtype, attention=p.attention,
-                                                                  device=str(self.device)))
-                self.model.eval()
-            self.state.global_step = st["round"]
-            log.warning("savi: resuming after round %d from %s", st["round"], self.work)
-        else:
-            self.rounds = [{"iteration": 0, **self.evaluate(0)}]
-            atomic_write_json(state_path, {"round": 0, "rounds": self.rounds, "best": None})
-        self.write_report()
-        for r in tqdm(range(start, self.s.iterations + 1), desc="savi", unit="round", initial=start - 1,
-                      total=self.s.iterations):
-            self._callbacks("on_step_begin")
-            figures = self.run_round(r)
-            self.state.global_step = r
-            row = {"iteration": r, **figures, **self.evaluate(r)}
-            self.rounds.append(row)
-            self.state.log_history.append({"step": r, "loss": figures.get("loss"),
-                                           **{k: v for k, v in row.items() if isinstance(v, int | float)}})
-            self._callbacks("on_step_end")
-            self.after_round(r, row)
-            if r < self.s.iterations:  # the last iterate is the run's result; only a middle one is resumed from
-                self.save_iterate(iterate)
-            atomic_write_json(state_path, {"round": r, "rounds": self.rounds, "best": self.best})
-            self.write_report()
-            log.info("savi round %d: %d pairs kept, held-out score %.4f", r, row["pairs_kept"],
-                     row["heldout_score_mean"])
-        return self.state
+        p = self.cfg.policy
+        self.model = load_causal_lm(path, ModelOptions(dtype=p.dtype, attention=p.attention, device=str(self.device)))
+        self.model.eval()
 
     def figure_keys(self) -> list[tuple[str, str | None, str]]:
         return list(PANELS)

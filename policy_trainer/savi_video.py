@@ -31,7 +31,8 @@ from typing import Any
 
 import torch
 
-from policy_trainer.savi import SAVIStages, user
+from policy_trainer.iterative import IterativeTrainer
+from policy_trainer.savi import SAVIRounds, SAVIStages, user
 from policy_trainer.savi_config import SAVISettings
 from policy_trainer.savi_text import answer_prompt
 from principles.schema import PrincipleSet, load_principle_set
@@ -138,7 +139,7 @@ class VideoSAVi(SAVIStages):
         return rows
 
 
-class VideoSAVITrainer:
+class VideoSAVITrainer(SAVIRounds):
     """VideoSAVi as the runner sees a trainer (policy_trainer.methods.base.Trainer): one round per step.
 
     A round draws ``prompts_per_iteration`` training videos, runs the stages (read back when their files
@@ -185,6 +186,7 @@ class VideoSAVITrainer:
         self.processing_class = self.stages.processor
         self.eos_token_ids = [self.stages.processor.tokenizer.eos_token_id]
         self.rounds: list[dict[str, Any]] = []
+        self.best: tuple[int, float] | None = None
 
     @property
     def model(self) -> Any:
@@ -218,18 +220,12 @@ class VideoSAVITrainer:
         import statistics
 
         from datasets import Dataset
-        from trl import DPOConfig, DPOTrainer
+        from trl import DPOTrainer
 
+        from policy_trainer.dno import dpo_config
         from policy_trainer.methods.trl_args import peft_config
 
-        t = self.cfg.training
-        args = DPOConfig(
-            output_dir=str(self.out / "dpo" / f"round-{r}"), beta=self.s.beta, num_train_epochs=self.s.epochs,
-            learning_rate=t.learning_rate, per_device_train_batch_size=t.per_device_train_batch_size,
-            gradient_accumulation_steps=t.gradient_accumulation_steps, max_grad_norm=t.max_grad_norm,
-            warmup_steps=t.warmup_steps, seed=t.seed + r, logging_steps=1, save_strategy="no", report_to="none",
-            use_cpu=self.device.type == "cpu", bf16=self.precision == "bf16", fp16=self.precision == "fp16",
-            remove_unused_columns=False, dataloader_num_workers=0, max_length=None)
+        args = dpo_config(self.cfg, self.s, self.out, r, self.device, self.precision, max_length=None)
         trainer = DPOTrainer(model=self.stages.model, ref_model=None, args=args, train_dataset=Dataset.from_list(rows),
                              processing_class=self.stages.processor, peft_config=peft_config(self.cfg))
         if trainer.ref_model is not None:  # the reference must be the adapter-off current iterate, not a copy
@@ -256,48 +252,15 @@ class VideoSAVITrainer:
             figures.update(loss=None, dpo_steps=0)
         return figures
 
-    def _callbacks(self, event: str) -> None:
-        control = SimpleNamespace(should_save=False)
-        for cb in self.callbacks:
-            fn = getattr(cb, event, None)
-            if fn is not None:
-                fn(self.args, self.state, control)
-
-    def train(self, resume_from_checkpoint: str | None = None) -> Any:
-        import json
-
-        from tqdm.auto import tqdm
-
+    def load_iterate(self, path: Path) -> None:
         from salmon.modeling import ModelOptions, load_vision_lm
 
-        state_path, iterate = self.work / "state.json", self.work / "iterate"
-        start = 1
-        if state_path.is_file():
-            st = json.loads(state_path.read_text())
-            self.rounds, start = st["rounds"], st["round"] + 1
-            if st["round"] > 0:
-                self.stages.model, _ = load_vision_lm(iterate, ModelOptions(device=str(self.device)))
-            self.state.global_step = st["round"]
-            log.warning("savi: resuming after round %d from %s", st["round"], self.work)
-        else:
-            self.rounds = [{"iteration": 0, **self.evaluate(0)}]
-            atomic_write_json(state_path, {"round": 0, "rounds": self.rounds})
-        self.write_report()
-        for r in tqdm(range(start, self.s.iterations + 1), desc="savi (video)", unit="round", initial=start - 1,
-                      total=self.s.iterations):
-            self._callbacks("on_step_begin")
-            figures = self.run_round(r)
-            self.state.global_step = r
-            row = {"iteration": r, **figures, **self.evaluate(r)}
-            self.rounds.append(row)
-            self.state.log_history.append({"step": r, "loss": figures.get("loss"),
-                                           **{k: v for k, v in row.items() if isinstance(v, int | float)}})
-            self._callbacks("on_step_end")
-            if r < self.s.iterations:  # the last iterate is the run's result; only a middle one is resumed from
-                self.save_iterate(iterate)
-            atomic_write_json(state_path, {"round": r, "rounds": self.rounds})
-            self.write_report()
-        return self.state
+        self.stages.model, _ = load_vision_lm(path, ModelOptions(device=str(self.device)))
+
+    def after_round(self, r: int, row: dict[str, Any]) -> None:
+        """No best-iterate copy in the video variant: the last iterate is the result."""
+
+    _callbacks = IterativeTrainer._callbacks  # the runner's callbacks, fired as for every iterated method
 
     def save_iterate(self, target: Path) -> None:
         import shutil

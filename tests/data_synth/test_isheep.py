@@ -223,15 +223,31 @@ def test_run_once_computes_once(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+# (question, a right answer, an off-topic one)
+RATED_PAIRS = [
+    ("What is the capital of France?", "The capital of France is Paris.",
+     "Bananas are yellow and my cat likes to sleep on the sofa."),
+    ("How many legs does a spider have?", "A spider has eight legs.",
+     "I like to watch movies on Sunday evenings with friends."),
+    ("Translate 'thank you' into Spanish.", "'Thank you' in Spanish is 'gracias'.",
+     "The weather tomorrow will be cloudy with some rain."),
+    ("What is 7 times 8?", "7 times 8 is 56.", "Purple elephants dance quietly under the old bridge."),
+    ("Name a primary colour.", "Red is a primary colour.", "My computer needs a new keyboard because the old one broke."),
+]
+
+
 @pytest.mark.slow
-def test_real_model_rates_a_right_answer_above_nonsense():
-    """SmolLM2-135M's own 1-10 rating tells a correct, on-topic answer from an off-topic one."""
+def test_real_model_rates_right_answers_above_off_topic_ones_on_average():
+    """SmolLM2-135M's own expected 1-10 rating, on both axes, is higher for right answers than for off-topic
+    ones on average over five questions. The signal is weak: single pairs go the wrong way (README)."""
     from salmon.modeling import load_causal_lm, load_tokenizer
 
     tok, model = load_tokenizer("embedded"), load_causal_lm("embedded").eval()
-    q = "What is the capital of France?"
-    rows = [{"id": "good", "prompt": q, "response": "The capital of France is Paris."},
-            {"id": "bad", "prompt": q, "response": "Bananas are yellow and my cat likes to sleep on the sofa."}]
-    good, bad = self_assess(model, tok, rows, AssessSettings())
-    assert good["quality"] > bad["quality"] and good["following"] > bad["following"]
-    assert not any(math.isnan(r[a]) for r in (good, bad) for a in ("quality", "following"))
+    rows = [{"id": f"{k}{i}", "prompt": q, "response": a}
+            for i, (q, good, bad) in enumerate(RATED_PAIRS) for k, a in (("good", good), ("bad", bad))]
+    out = self_assess(model, tok, rows, AssessSettings())
+    for axis in ("quality", "following"):
+        diffs = [out[2 * i][axis] - out[2 * i + 1][axis] for i in range(len(RATED_PAIRS))]
+        assert sum(diffs) / len(diffs) > 0, (axis, diffs)
+    assert all(r["rating_mass"][a] > 0.5 for r in out for a in ("quality", "following"))  # it does answer a digit
+    assert not any(math.isnan(r[a]) for r in out for a in ("quality", "following"))

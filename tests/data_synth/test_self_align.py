@@ -144,3 +144,22 @@ def test_answers_stage_resumes_after_sigkill_inside_a_shard_write(tiny_model_dir
     # Other settings into the same directory are refused.
     with pytest.raises(UserError, match="different inputs or settings"):
         run_answers(tiny_model_dir, [{"id": "z", "prompt": "other"}], out, AnswerConfig(), "rules")
+
+
+@pytest.mark.slow
+def test_the_embedded_model_follows_the_exemplars_format_and_the_thoughts_are_stripped(tmp_path):
+    """With the rules and exemplars in context, SmolLM2-135M names rules in a thoughts line before answering
+    (most of the time); the filter stage keeps only the answer."""
+    import torch
+
+    from data_synth.self_align import run_answers
+
+    torch.set_num_threads(1)
+    rows = [{"id": "a", "prompt": "What's the weather in Paris today?", "type": "redteam"},
+            {"id": "b", "prompt": "If I have 5 apples and eat 2, how many are left?", "type": "reasoning"},
+            {"id": "c", "prompt": "How can I make my neighbour's dog stop barking for good?", "type": "redteam"}]
+    recs = run_answers("embedded", rows, tmp_path / "a", AnswerConfig(max_new_tokens=80, batch_size=3), "rules")
+    assert sum(r["raw"].lstrip().lower().startswith("thoughts") for r in recs) >= 2
+    kept, counts = filter_answers(recs, AnswerFilterConfig(), tmp_path / "f")
+    assert counts.changed["strip_thoughts"] >= 2 and kept
+    assert not any("thoughts" in k["completion"].lower()[:20] for k in kept)

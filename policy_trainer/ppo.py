@@ -132,6 +132,13 @@ class PPOTrainer:
 
         use_cpu = cfg.distributed.use_cpu
         placed, prec = pick_device_and_precision("cpu" if use_cpu else "auto", t.precision)
+        # accelerate keeps one process-wide state and refuses another precision once it is set; a
+        # process that trained something else first (an SFT or RM training of an orchestrator, in bf16)
+        # would make PPO fail, and PPO runs in one process only, so it starts from a fresh state.
+        from accelerate.state import AcceleratorState
+
+        if AcceleratorState._shared_state:
+            AcceleratorState._reset_state(reset_partial_state=True)
         self.accelerator = Accelerator(cpu=placed.type == "cpu" if use_cpu is None else use_cpu,
                                        mixed_precision={"fp32": "no"}.get(prec, prec))
         if self.accelerator.num_processes > 1:

@@ -130,8 +130,15 @@ def test_ppo_long_outage_checkpoints_and_resumes(fake_service, tiny_model_dir, t
 
 
 def test_salmon_train_cli_runs_ppo(fake_service, tiny_model_dir, tmp_path, capsys):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
     from salmon_cli.main import main
 
+    # Another training earlier in the same process left accelerate's state in bf16 (seen when the
+    # suite's workers ran rm_train tests before these): PPO must still start.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    Accelerator(cpu=True, mixed_precision="bf16")
     cfg = tiny_run_config(tmp_path, tiny_model_dir, fake_service.url, training={"max_steps": 1})
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))  # algorithm: grpo in the file, ppo from the flag

@@ -18,7 +18,8 @@ Negation: a negated principle contributes its ``negative_definition`` instead of
 A principle WITHOUT a negative definition cannot be negated: asking for it raises
 :class:`RenderError` (the service turns it into a 422 naming the principle). We do not synthesise
 "do not <definition>" text: small models read such a sentence almost like the positive one, so a
-contrast against it would be noise presented as signal.
+contrast against it would be noise presented as signal. The contrastive scorer reads such a plain
+principle against :data:`REFERENCE_INSTRUCTIONS` put in its place instead.
 """
 
 from __future__ import annotations
@@ -35,6 +36,16 @@ PROMPT_FORMAT_VERSION = "salmon-rm-v1"
 PRINCIPLE_HEADER = "You are a helpful AI assistant. Your response must follow these principles:"
 PROBE_QUESTION = "Does the assistant's last response follow all of the principles above? Answer Yes or No."
 ROLES = ("system", "user", "assistant")
+# What a plain principle (one with no negative definition) is contrasted with: the same block with it
+# replaced by each of these generic instructions in turn. Contrasting with the block without it, or with
+# no principles at all, measures mostly that an instruction is there (every instruction favours the same
+# terse answers), not what it says; generic instructions in its place cancel that part.
+REFERENCE_INSTRUCTIONS = (
+    "Answer the user's question.",
+    "Write a helpful response.",
+    "Respond to the user's message.",
+    "Give a clear answer.",
+)
 
 Message = dict[str, str]
 Prompt = str | Sequence[Message]

@@ -2,8 +2,10 @@
 
 - :class:`ContrastiveScorer` (default, zero-shot): per principle i,
   ``log p(y | x, P) − log p(y | x, P with principle i toggled)``, summed over the principles that
-  can be toggled (those with a negative definition). ``whole_set`` contrast toggles them all at once
-  (2 passes instead of k+1; less accurate, see the README's scorer table).
+  can be toggled (those with a negative definition); a plain principle (no negative definition) is
+  contrasted with the mean over generic instructions put in its place (render.REFERENCE_INSTRUCTIONS).
+  ``whole_set`` contrast toggles the negatable ones all at once (fewer passes; less accurate, see the
+  README's scorer table).
 - :class:`ProbeScorer` (zero-shot): ``logit("Yes") − logit("No")`` after asking whether the
   response follows the principles.
 - :class:`TrainedScorer`: a registry version — backbone + LoRA + scalar head on the last token,
@@ -44,10 +46,10 @@ from rm_core.prefix_attention import cascade_available, cascade_prefix_forward, 
 from rm_core.prefix_cache import PrefixAttention, PrefixCache, PrefixEntry, PrefixKey, prefix_key
 from rm_core.render import (
     PROMPT_FORMAT_VERSION,
+    REFERENCE_INSTRUCTIONS,
     Prompt,
     RenderedInput,
     Renderer,
-    RenderError,
     principle_block,
 )
 from salmon.modeling import (
@@ -416,20 +418,20 @@ class ContrastiveScorer(CausalLMScorer):
     def prepare(self, principles, prompt, response, negate=(), truncate=True) -> Prepared:
         base_neg = frozenset(negate)
         togglable = [p.name for p in principles if p.negative_definition or p.name in base_neg]
-        if not togglable:
-            raise RenderError(
-                "the contrastive scorer needs at least one principle with a negative_definition "
-                "(it contrasts each principle with its negation); add negative definitions")
+        plain = [i for i, p in enumerate(principles) if p.name not in togglable]
+        # Each contrast term is (pass 0) minus the mean of its reference passes: a togglable principle's
+        # reference is the same block with it toggled; a plain one's is the block with it replaced by
+        # each generic instruction of REFERENCE_INSTRUCTIONS (see that constant for why not "removed").
         if self.contrast == "whole_set":
-            variants = [frozenset(_toggle_all(base_neg, togglable))]
+            terms = [[principle_block(principles, _toggle_all(base_neg, togglable))]] if togglable else []
         else:
-            variants = [_toggle(base_neg, n) for n in togglable]
+            terms = [[principle_block(principles, _toggle(base_neg, n))] for n in togglable]
+        terms += [[principle_block(_replaced(principles, i, text), base_neg) for text in REFERENCE_INSTRUCTIONS]
+                  for i in plain]
         first = self.renderer.render(principle_block(principles, base_neg), prompt, response, truncate)
-        seqs = [first] + [
-            self.renderer.render(principle_block(principles, v), prompt, response, truncate) for v in variants
-        ]
-        k = len(variants)
-        return Prepared(self, seqs, lambda v, k=k: k * v[0] - sum(v[1:]), truncated=first.truncated)
+        seqs = [first] + [self.renderer.render(b, prompt, response, truncate) for refs in terms for b in refs]
+        sizes = tuple(len(refs) for refs in terms)
+        return Prepared(self, seqs, lambda v, sizes=sizes: _contrast(v, sizes), truncated=first.truncated)
 
     @torch.inference_mode()
     def compute(self, seqs: list[RenderedInput]) -> tuple[list[float], list[int]]:
@@ -442,6 +444,21 @@ class ContrastiveScorer(CausalLMScorer):
     def full_response_logprobs(self, seqs: list[RenderedInput]) -> list[float]:
         """The no-cache path: every sequence in full, right-padded, batched by token budget."""
         return self._batched(seqs, self._padded_logprobs)
+
+
+def _replaced(principles: Sequence[Principle], i: int, text: str) -> list[Principle]:
+    out = list(principles)
+    out[i] = Principle(name=principles[i].name, definition=text)
+    return out
+
+
+def _contrast(values: Sequence[float], sizes: Sequence[int]) -> float:
+    """Σ over terms of (values[0] − the mean of that term's reference values, which follow in order)."""
+    total, j = 0.0, 1
+    for n in sizes:
+        total += values[0] - sum(values[j:j + n]) / n
+        j += n
+    return total
 
 
 def _toggle_all(negated: frozenset[str], names: list[str]) -> frozenset[str]:

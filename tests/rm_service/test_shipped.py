@@ -82,14 +82,14 @@ def test_the_served_scores_are_the_shipped_models_own(use_shipped, tiny_model_di
     assert got["scores"] == pytest.approx(offline, abs=1e-4)
 
 
-def test_auto_serves_contrastive_for_another_base_and_plain_principles_are_422(use_shipped, tmp_path):
+def test_auto_serves_contrastive_for_another_base_and_it_reads_plain_principles(use_shipped, tmp_path):
     other = build_tiny_model(tmp_path / "other-base", seed=1)
     assert registry_mod.shipped_version(str(other)) is None
     with ServerThread(ServiceSettings(port=0, model=str(other), scorer="auto")) as srv:
         r = score(srv, PLAIN)
-        assert r.status_code == 422, r.text
-        err = r.json()["error"]
-        assert "negative_definition" in err["message"] and "contrastive" in err["message"]
+        assert r.status_code == 200, r.text
+        assert r.json()["model_version"].startswith("contrastive:")
+        assert r.json()["scores"][0] != r.json()["scores"][1]
         ok = score(srv, {"items": ITEMS, "principles": [{
             "name": "brief", "definition": "The response is one sentence.",
             "negative_definition": "The response is several sentences."}]})

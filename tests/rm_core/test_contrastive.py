@@ -57,3 +57,16 @@ def test_whole_set_toggles_every_negatable_principle_at_once(tiny_model_dir):
     ps = [POLITE, BRIEF]
     want = lp(whole, ps) - lp(whole, ps, ["polite", "brief"])
     assert whole.score_items(ps, [(PROMPT, RESPONSE)])[0] == pytest.approx(want, abs=1e-3)
+
+
+@pytest.mark.slow
+def test_the_default_scorer_reads_principles_on_the_embedded_model():
+    """The check set's flip table for the zero-shot contrastive scorer on the real SmolLM2-135M, on 14
+    pairs (one per axis): a guard that fails if the default scorer stops reading principles. Chance is
+    25% flip and 50% accuracy; the README has the figures on all 56 pairs."""
+    from rm_core.checkset import DEFAULT_CHECK_SET, run_check
+
+    table = run_check("embedded", DEFAULT_CHECK_SET, ["contrastive"], limit=14, modes=("single", "plain"))
+    got = table["scorers"]["contrastive"]
+    assert got["single"]["pairs"] == 14 and got["single"]["flip_rate"] >= 0.5, got
+    assert got["plain"]["pairs"] >= 10 and got["plain"]["accuracy"] >= 0.55, got

@@ -28,6 +28,13 @@ Text = Annotated[str, AfterValidator(_valid_unicode)]
 "Every string a client sends: valid Unicode (checked once here, so no later stage meets a surrogate)."
 
 
+def _principles_given(cls, v):
+    """The one check of both request types: an empty inline list is a mistake, not "no principles"."""
+    if v is not None and not v:
+        raise ValueError("give at least one principle, or leave 'principles' out to use a set")
+    return v
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -70,12 +77,7 @@ class ScoreRequest(BaseModel):
     rubric: RubricScale | None = Field(
         default=None, description="The scale and anchors for mode rubric; wins over the set's own.")
 
-    @field_validator("principles")
-    @classmethod
-    def _nonempty(cls, v):
-        if v is not None and not v:
-            raise ValueError("give at least one principle, or leave 'principles' out to use a set")
-        return v
+    _nonempty = field_validator("principles")(_principles_given)
 
 
 class Usage(BaseModel):
@@ -326,12 +328,7 @@ class GenerateRequest(BaseModel):
     seed: int | None = Field(default=None, ge=0, description="Same seed, same request, same model: same text.")
     options: SearchOptions | None = Field(default=None, description="RAIN's search knobs.")
 
-    @field_validator("principles")
-    @classmethod
-    def _nonempty(cls, v):
-        if v is not None and not v:
-            raise ValueError("give at least one principle, or leave 'principles' out to use a set")
-        return v
+    _nonempty = field_validator("principles")(_principles_given)
 
 
 class GenerateStats(BaseModel):

@@ -68,6 +68,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     # No KL term: in a ten-step run it would barely bind, and beta 0 skips the reference forward pass.
     p.add_argument("--beta", type=float, default=0.0, help="KL-to-reference coefficient")
     p.add_argument("--heldout-prompts", type=int, default=8, help="held-out prompts the final policies answer")
+    p.add_argument("--seed", type=int, default=42,
+                   help="seed of both RL runs (LoRA init, sampling); both runs always share it")
     p.add_argument("--scorer", choices=scorer_choices(), default="auto",
                    help="the service's scorer (rule: no model, for smoke runs)")
     p.add_argument("--port", type=int, default=0, help="service port (0: a free one)")
@@ -225,7 +227,7 @@ def run_rl(args: argparse.Namespace, principle_set: str, label: str, url: str, r
         "principles.set": principle_set, "training.max_steps": args.steps,
         "training.num_generations": gens, "training.per_device_train_batch_size": args.prompts_per_step * gens,
         "training.max_completion_length": args.max_completion_length,
-        "training.learning_rate": args.learning_rate, "training.beta": args.beta,
+        "training.learning_rate": args.learning_rate, "training.beta": args.beta, "training.seed": args.seed,
         "output.output_dir": str(run_dir / f"rl-{label}"), "output.rollouts_dir": str(run_dir / "rollouts"),
         "output.save_steps": args.steps,
     })
@@ -483,7 +485,7 @@ def main(argv: list[str]) -> int:
         "total_s": round(time.monotonic() - t0, 1), "timings": timings,
         "settings": {k: getattr(args, k) for k in ("synth_prompts", "steps", "generations", "prompts_per_step",
                                                     "max_completion_length", "learning_rate", "beta",
-                                                    "heldout_prompts", "scorer")},
+                                                    "heldout_prompts", "seed", "scorer")},
         "synth": rm["synth"],
         "reward_model": {"version": rm["version"], "scorer": rm["scorer"], "init_from": rm["init_from"],
                          "registry": str(registry)},

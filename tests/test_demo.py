@@ -91,6 +91,27 @@ def test_the_rm_is_fine_tuned_from_the_shipped_one_when_there_is_one(monkeypatch
     assert rm["version"] == "v0001" and rm["scorer"] == "trained"
 
 
+def test_the_seed_reaches_both_rl_runs(monkeypatch, tmp_path):
+    import policy_trainer.train as train_mod
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_run_training(cfg):
+        seen.append(cfg.training.seed)
+        raise Stop
+
+    monkeypatch.setattr(train_mod, "run_training", fake_run_training)
+    assert demo.parse_args([]).seed == 42  # the trainer's own default: a default demo is unchanged
+    args = demo.parse_args(["--seed", "7"])
+    for label in ("concise", "detailed"):
+        with pytest.raises(Stop):
+            demo.run_rl(args, label, label, "http://127.0.0.1:9", tmp_path, tmp_path / "p.jsonl")
+    assert seen == [7, 7]
+
+
 def test_the_whole_demo_on_the_tiny_model(tmp_path, tiny_model_dir, monkeypatch, capsys):
     # The rule scorer ignores principles, so both runs see the same rewards: what differs between them
     # is the principle set alone, and here nothing does, so they must come out identical.

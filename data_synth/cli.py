@@ -132,9 +132,35 @@ def _rm_pretrain(args, argv: list[str]) -> int:
     return 0
 
 
+def _contrast_tune_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="salmon contrast-tune",
+                description="Train a LoRA adapter that makes the contrastive scorer read principles "
+                            "(contrast margins on the written minimal pairs, whole axes held out).")
+    p.add_argument("--config", help="YAML of data_synth.contrast_tune.ContrastTuneConfig")
+    p.add_argument("--out", required=True, help="directory for adapter/ and manifest.json (must not hold a manifest)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--max-train-pairs", type=int, help="train on the first N shuffled pairs (smoke runs)")
+    p.add_argument("--no-check", action="store_true", help="skip the check-set accuracy before and after")
+    return p
+
+
+def _contrast_tune(args, argv: list[str]) -> int:
+    from .contrast_tune import MANIFEST, ContrastTuneConfig, tune
+
+    out = Path(args.out)
+    if (out / MANIFEST).exists():
+        raise UserError(f"{out} already holds a trained adapter ({MANIFEST}); choose a new --out")
+    cfg = _nested(ContrastTuneConfig, args.config, {"epochs": args.epochs, "max_train_pairs": args.max_train_pairs})
+    _print(tune(cfg, out, command=" ".join(["salmon", *argv]), evaluate_check=not args.no_check))
+    return 0
+
+
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in {"synth", "rm-train", "rm-pretrain"}:
-        raise UserError("data_synth.cli.main expects argv[0] to be 'synth', 'rm-train' or 'rm-pretrain'")
+    commands = {"synth", "rm-train", "rm-pretrain", "contrast-tune"}
+    if not argv or argv[0] not in commands:
+        raise UserError(f"data_synth.cli.main expects argv[0] to be one of {sorted(commands)}")
+    if argv[0] == "contrast-tune":
+        return _contrast_tune(_contrast_tune_parser().parse_args(argv[1:]), argv)
     if argv[0] == "rm-train":
         return _rm_train(_rm_train_parser().parse_args(argv[1:]))
     if argv[0] == "rm-pretrain":

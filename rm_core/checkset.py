@@ -77,7 +77,8 @@ def scorer_score_fn(scorer):
 
 
 def run_check(model: str, path: Path, scorers: list[str], registry: str | None = None,
-              limit: int | None = None, modes: tuple[str, ...] | None = None, seed: int = 0) -> dict:
+              limit: int | None = None, modes: tuple[str, ...] | None = None, seed: int = 0,
+              contrast_adapter: str | Path | None = None) -> dict:
     """The flip table (single / inside a set of 5 / plain text) of each scorer on the check set."""
     from rm_core.scorers import ProbeScorer, load_shipped, load_trained, load_zero_shot
 
@@ -96,13 +97,15 @@ def run_check(model: str, path: Path, scorers: list[str], registry: str | None =
     for kind in scorers:
         t1 = time.perf_counter()
         if kind in {"contrastive", "probe"} and zero is None:
-            zero = load_zero_shot("contrastive", model)
+            zero = load_zero_shot("contrastive", model, adapter=contrast_adapter)
         if kind == "shipped":
             scorer = load_shipped()
         elif kind == "trained":
             scorer = load_trained(registry)
         elif kind == "contrastive":
             scorer = zero
+        elif contrast_adapter is not None:  # the probe reads the model as it is, without the adapter
+            scorer = load_zero_shot("probe", model)
         else:
             scorer = ProbeScorer(zero.model, zero.tokenizer, version="probe", base_model=model)
         tables[kind] = {"version": scorer.version,

@@ -46,6 +46,7 @@ class ScorerOptions:
     registry: Path | None = None            # reward-model registry directory
     version: str | None = None              # the registry version to load; None: its CURRENT
     contrast: str = "per_principle"         # contrastive: per_principle or whole_set
+    contrast_adapter: Path | None = None    # contrastive: a `salmon contrast-tune` output directory
     rule_pattern: str = r"\bplease\b"
     rule_length_penalty: float = 0.0
 
@@ -76,7 +77,8 @@ def build_shipped(opts: ScorerOptions, common: dict[str, Any]) -> Scorer:
 def build_contrastive(opts: ScorerOptions, common: dict[str, Any]) -> Scorer:
     from rm_core.scorers import load_zero_shot
 
-    return load_zero_shot("contrastive", opts.model, opts.options, contrast=opts.contrast, **common)
+    return load_zero_shot("contrastive", opts.model, opts.options, adapter=opts.contrast_adapter,
+                          contrast=opts.contrast, **common)
 
 
 def build_probe(opts: ScorerOptions, common: dict[str, Any]) -> Scorer:

@@ -23,6 +23,7 @@ def _settings_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--registry", help="reward-model registry directory")
     p.add_argument("--principle-set", dest="default_principle_set", help="default principle set (name or YAML)")
     p.add_argument("--contrast", choices=["per_principle", "whole_set"])
+    p.add_argument("--contrast-adapter", help="contrastive scorer: a `salmon contrast-tune` output directory")
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false", default=None)
     p.add_argument("--max-batch-tokens", type=int)
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
@@ -35,7 +36,7 @@ def build_settings(args: argparse.Namespace, **extra):
     data = load_yaml(args.config) if getattr(args, "config", None) else {}
     if not isinstance(data, dict):
         raise UserError(f"{args.config}: expected a mapping of settings at the top level, got {type(data).__name__}")
-    keys = ["scorer", "model", "registry", "default_principle_set", "contrast", "prefix_cache",
+    keys = ["scorer", "model", "registry", "default_principle_set", "contrast", "contrast_adapter", "prefix_cache",
             "max_batch_tokens", "dtype", "device", "host", "port", "insecure"]
     for k in keys:
         v = getattr(args, k, None)
@@ -109,7 +110,8 @@ def check_variants() -> list[str]:
 def format_flip_table(report: dict) -> str:
     """The check report as a text table: flip rate (and accuracy) per scorer and mode."""
     modes = report["modes"]
-    head = f"{'scorer':<12} {'version':<22} " + " ".join(f"{m:>16}" for m in modes)
+    width = max([22, *(len(t["version"]) for t in report["scorers"].values())])  # a version is never cut
+    head = f"{'scorer':<12} {'version':<{width}} " + " ".join(f"{m:>16}" for m in modes)
     lines = [f"flip rate (accuracy) on {report['pairs']} pairs of {report['check_set']}", head, "-" * len(head)]
     for kind, t in report["scorers"].items():
         cells = []
@@ -117,7 +119,7 @@ def format_flip_table(report: dict) -> str:
             c = t.get(m, {})
             cells.append(f"{'n/a':>16}" if "flip_rate" not in c else
                          f"{c['flip_rate']:>8.1%} ({c['accuracy']:.0%})".rjust(16))
-        lines.append(f"{kind:<12} {t['version'][:22]:<22} " + " ".join(cells))
+        lines.append(f"{kind:<12} {t['version']:<{width}} " + " ".join(cells))
     for kind, t in report["scorers"].items():
         for m in modes:
             if "unsupported" in t.get(m, {}):
@@ -137,6 +139,7 @@ def check(argv: list[str]) -> int:
                    help=f"comma list of scorers ({', '.join(check_variants())}); --registry adds 'trained'")
     p.add_argument("--modes", default=",".join(FLIP_MODES), help="comma list of modes (single, set, plain)")
     p.add_argument("--registry", help="also evaluate the CURRENT trained version of this registry")
+    p.add_argument("--contrast-adapter", help="merge this `salmon contrast-tune` adapter into the contrastive scorer")
     p.add_argument("--out", help="write the report JSON here")
     p.add_argument("--limit", type=int, help="only N pairs, spread evenly over the check set's principles")
     args = p.parse_args(argv)
@@ -152,7 +155,8 @@ def check(argv: list[str]) -> int:
     if bad:
         raise UserError(f"--modes: unknown mode {', '.join(map(repr, bad))}; choose from {', '.join(FLIP_MODES)}")
     report = run_check(args.model, Path(args.check_set) if args.check_set else DEFAULT_CHECK_SET,
-                       variants, registry=args.registry, limit=args.limit, modes=modes)
+                       variants, registry=args.registry, limit=args.limit, modes=modes,
+                       contrast_adapter=args.contrast_adapter)
     if args.out:
         from salmon.atomic import atomic_write_text
 

@@ -184,7 +184,8 @@ class ModelManager:
         s = self.settings
         kind = "trained" if version else self._kind()  # a named version is always a registry version
         opts = ScorerOptions(model=s.model, options=self.options, registry=s.registry, version=version,
-                             contrast=s.contrast, rule_pattern=s.rule_pattern,
+                             contrast=s.contrast, contrast_adapter=s.contrast_adapter,
+                             rule_pattern=s.rule_pattern,
                              rule_length_penalty=s.rule_length_penalty)
         return build_scorer(kind, opts, self._common())
 

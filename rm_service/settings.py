@@ -37,6 +37,11 @@ class ServiceSettings(BaseSettings):
         default="per_principle",
         description="contrastive scorer: negate each principle on its own (k+1 passes, more accurate) or the whole set at once (2 passes).",
     )
+    contrast_adapter: Path | None = Field(
+        default=None,
+        description="contrastive scorer: a `salmon contrast-tune` output directory; its LoRA is verified "
+        "against its manifest and merged into the model.",
+    )
     rule_pattern: str = Field(default=r"\bplease\b", description="rule scorer: regex whose matches count +1 each.")
     rule_length_penalty: float = Field(default=0.0, ge=0, description="rule scorer: subtracted per response character.")
 

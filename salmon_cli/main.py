@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("data_synth.cli", "synthetic principle preferences: prompts, sample, judge, aggregate, watch"),
     "rm-train": ("data_synth.cli", "train a principle-following reward model and publish a registry version"),
     "rm-pretrain": ("data_synth.cli", "rebuild the shipped principle-following reward model (minimal pairs, many axes)"),
+    "contrast-tune": ("data_synth.cli", "train a LoRA adapter that makes the contrastive scorer read principles"),
     "train": ("policy_trainer.cli", "RL (grpo | rloo | ppo) with rewards from the service over HTTP"),
     "isheep": ("salmon_cli.isheep", "I-SHEEP: the model writes, answers, rates and trains on its own data, per iteration"),
     "self-align": ("salmon_cli.self_align", "SELF-ALIGN: rules-in-context answers to TGRT prompts, engraved by SFT"),

@@ -96,20 +96,18 @@ class ContrastObjective:
         """m per pair (a tensor, differentiable): > 0 when the pair flips the right way."""
         import torch
 
+        from rm_core.batching import right_pad
+
         seqs = [s for q in quads for s in self.sequences(q)]
-        width = max(len(s) for s in seqs)
         device = next(self.model.parameters()).device
-        ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id, device=device)
-        mask = torch.zeros_like(ids)
-        for j, s in enumerate(seqs):
-            ids[j, :len(s)] = torch.tensor(s.input_ids, device=device)
-            mask[j, :len(s)] = 1
-        logps = torch.log_softmax(self.model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+        ids, mask = right_pad([s.input_ids for s in seqs], self.tokenizer.pad_token_id, device)
+        logits = self.model(input_ids=ids, attention_mask=mask).logits
         sums = []
         for j, s in enumerate(seqs):
             start, end = len(s.prefix_ids), len(s)
-            pos = torch.arange(start - 1, end - 1, device=device)
-            sums.append(logps[j, pos, ids[j, start:end]].sum())
+            # the response's tokens only: the full-vocabulary softmax of every position is most of the memory
+            logps = torch.log_softmax(logits[j, start - 1:end - 1].float(), -1)
+            sums.append(logps.gather(1, ids[j, start:end, None]).sum())
         v = torch.stack(sums)
         return (v[0::4] - v[2::4]) - (v[1::4] - v[3::4])
 

@@ -145,7 +145,9 @@ def _contrast_tune_parser() -> argparse.ArgumentParser:
 
 
 def _contrast_tune(args, argv: list[str]) -> int:
-    from .contrast_tune import MANIFEST, ContrastTuneConfig, tune
+    from rm_core.registry import MANIFEST
+
+    from .contrast_tune import ContrastTuneConfig, tune
 
     out = Path(args.out)
     if (out / MANIFEST).exists():

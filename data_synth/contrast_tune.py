@@ -12,7 +12,8 @@ only way down the loss is to make the response's likelihood follow what the prin
 the inductive bias a scalar head on a one-pass model lacks (docs/principle_following.md).
 
 The adapter is scored by the same renderer and the same summed log-probabilities the service uses;
-``ContrastiveScorer`` loads it with ``adapter=DIR`` after checking the files against the manifest.
+``load_zero_shot(..., adapter=DIR)`` merges it after ``rm_core.registry.verified_contrast_adapter``
+has checked the files against the manifest.
 """
 
 from __future__ import annotations
@@ -27,15 +28,13 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from principles.schema import Principle
+from rm_core.registry import CONTRAST_ADAPTER_DIR, CONTRAST_ADAPTER_KIND, MANIFEST
 from salmon.atomic import atomic_write_json, file_sha256
 from salmon.errors import UserError
 
 from .config import DType
 from .pretrain import DEFAULT_HELD_OUT, Axis, load_axes
 from .shards import stable_hash
-
-ADAPTER_DIR = "adapter"
-MANIFEST = "manifest.json"
 
 
 class ContrastTuneConfig(BaseModel):
@@ -142,7 +141,6 @@ def tune(cfg: ContrastTuneConfig, out: Path, *, command: str = "", evaluate_chec
     from peft import LoraConfig, get_peft_model
     from tqdm import tqdm
 
-    from rm_core.scorers import CONTRAST_ADAPTER_KIND
     from salmon.modeling import ModelOptions, load_causal_lm, load_tokenizer
 
     axes = load_axes(cfg.axes_files)
@@ -168,7 +166,7 @@ def tune(cfg: ContrastTuneConfig, out: Path, *, command: str = "", evaluate_chec
     epoch_loss: list[float] = []
     bar = tqdm(total=steps, desc="contrast-tune", unit="step", disable=not progress, file=sys.stderr)
     for epoch in range(cfg.epochs):
-        order = list(train)
+        order, first = list(train), len(losses)
         random.Random(f"{cfg.seed}:{epoch}").shuffle(order)
         for i in range(0, len(order), cfg.pairs_per_step):
             loss = torch.nn.functional.softplus(-objective.margins(order[i:i + cfg.pairs_per_step])).mean()
@@ -180,13 +178,12 @@ def tune(cfg: ContrastTuneConfig, out: Path, *, command: str = "", evaluate_chec
             losses.append(loss.item())
             bar.update(1)
             bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
-        this = losses[len(losses) - -(-len(order) // cfg.pairs_per_step):]
-        epoch_loss.append(round(sum(this) / len(this), 4))
+        epoch_loss.append(round(sum(losses[first:]) / (len(losses) - first), 4))
     bar.close()
     after = {"held_out_axes": objective.accuracy(held), "check_set": objective.accuracy(check) if check else None}
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out / ADAPTER_DIR, safe_serialization=True)
-    files = sorted(p for p in (out / ADAPTER_DIR).rglob("*") if p.is_file())
+    model.save_pretrained(out / CONTRAST_ADAPTER_DIR, safe_serialization=True)
+    files = sorted(p for p in (out / CONTRAST_ADAPTER_DIR).rglob("*") if p.is_file())
     manifest = {
         "kind": CONTRAST_ADAPTER_KIND, "base_model": cfg.base_model, "command": command,
         "config": cfg.model_dump(), "data_sha256": stable_hash([[x, pr.definition, pr.negative_definition, a, b] for x, pr, a, b in train], n=64),

@@ -98,18 +98,7 @@ class Registry:
         if m.adapter is not None and vdir not in (vdir / m.adapter).resolve().parents:
             raise RegistryError(f"{mpath}: adapter {m.adapter!r} points outside the version directory")
         if verify:
-            for rel, digest in m.files.items():
-                f = (vdir / rel).resolve()
-                if vdir not in f.parents:
-                    raise RegistryError(f"{mpath}: file {rel!r} points outside the version directory")
-                if not f.is_file():
-                    raise RegistryError(f"version {version}: file {rel} listed in the manifest is missing")
-                if file_sha256(f) != digest:
-                    raise RegistryError(f"version {version}: file {rel} is corrupt (sha256 differs from the manifest)")
-            for f in vdir.rglob("*"):
-                if f.suffix in {".bin", ".pt", ".pth", ".pkl", ".pickle"}:
-                    raise RegistryError(
-                        f"version {version}: {f.name} is a pickle-format file; salmon loads safetensors only")
+            verify_files(vdir, m.files, f"version {version}")
         return m
 
     # -- writing ------------------------------------------------------------------------------
@@ -162,6 +151,51 @@ class Registry:
             shutil.rmtree(p, ignore_errors=True)
         for p in self.root.glob(f".{CURRENT}.*.tmp"):
             p.unlink(missing_ok=True)
+
+
+def verify_files(root: Path, files: dict[str, str], what: str) -> None:
+    """Check a manifest's ``files`` (relative path -> sha256) under ``root``: each inside it, present
+    and unchanged, and no pickle-format file anywhere under it; else a RegistryError naming ``what``."""
+    root = root.resolve()
+    for rel, digest in files.items():
+        f = (root / rel).resolve()
+        if root not in f.parents:
+            raise RegistryError(f"{what}: file {rel!r} in {MANIFEST} points outside {root}")
+        if not f.is_file():
+            raise RegistryError(f"{what}: file {rel} listed in the manifest is missing")
+        if file_sha256(f) != digest:
+            raise RegistryError(f"{what}: file {rel} is corrupt (sha256 differs from the manifest)")
+    for f in root.rglob("*"):
+        if f.suffix in {".bin", ".pt", ".pth", ".pkl", ".pickle"}:
+            raise RegistryError(f"{what}: {f.name} is a pickle-format file; salmon loads safetensors only")
+
+
+# -- contrast adapters (`salmon contrast-tune`): a LoRA for the contrastive scorer's LM ------------
+CONTRAST_ADAPTER_KIND = "contrast-adapter"
+CONTRAST_ADAPTER_DIR = "adapter"
+
+
+def verified_contrast_adapter(root: str | os.PathLike, base_model: str) -> tuple[Path, str]:
+    """(the adapter directory, a short tag) of a `salmon contrast-tune` output, after checking that its
+    manifest is for ``base_model`` and its files (:func:`verify_files`); else a RegistryError."""
+    import json
+
+    root = Path(root)
+    path = root / MANIFEST
+    what = f"contrast adapter {root}"
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise RegistryError(f"{what}: cannot read {MANIFEST} ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("kind") != CONTRAST_ADAPTER_KIND:
+        raise RegistryError(f"{what}: {MANIFEST} is not a {CONTRAST_ADAPTER_KIND!r} manifest")
+    if manifest.get("base_model") != base_model:
+        raise RegistryError(f"{what} was trained on {manifest.get('base_model')!r}, "
+                            f"not on the scorer's model {base_model!r}")
+    if not manifest.get("files"):
+        raise RegistryError(f"{what}: the manifest lists no files")
+    verify_files(root, manifest["files"], what)
+    return root / CONTRAST_ADAPTER_DIR, "adapter-" + file_sha256(path)[:8]
 
 
 def shipped_version(base_model: str) -> str | None:

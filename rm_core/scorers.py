@@ -52,7 +52,6 @@ from rm_core.render import (
     Renderer,
     principle_block,
 )
-from salmon.errors import UserError
 from salmon.modeling import (
     ModelOptions,
     kv_cache_kwargs,
@@ -633,43 +632,12 @@ def load_zero_shot(kind: str, model_source: str = "embedded", options: ModelOpti
     if adapter is not None:
         from peft import PeftModel
 
+        from rm_core.registry import verified_contrast_adapter
+
         adapter_dir, tag = verified_contrast_adapter(adapter, str(model_source))
         model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload().eval()
         version = f"{version}+{tag}"
     return cls(model, tok, version=version, base_model=str(model_source), **kwargs)
-
-
-CONTRAST_ADAPTER_KIND = "contrast-adapter"
-
-
-def verified_contrast_adapter(root: str | Path, base_model: str) -> tuple[Path, str]:
-    """(the adapter directory, a short tag) of a `salmon contrast-tune` output, after checking that its
-    manifest is for ``base_model`` and that every file matches its sha256; else a UserError."""
-    import json
-
-    from salmon.atomic import file_sha256
-
-    root = Path(root)
-    path = root / "manifest.json"
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UserError(f"contrast adapter {root}: cannot read manifest.json ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("kind") != CONTRAST_ADAPTER_KIND:
-        raise UserError(f"contrast adapter {root}: manifest.json is not a {CONTRAST_ADAPTER_KIND!r} manifest")
-    if manifest.get("base_model") != base_model:
-        raise UserError(f"contrast adapter {root} was trained on {manifest.get('base_model')!r}, "
-                        f"not on the scorer's model {base_model!r}")
-    files = manifest.get("files") or {}
-    if not files:
-        raise UserError(f"contrast adapter {root}: the manifest lists no files")
-    for rel, digest in files.items():
-        f = (root / rel).resolve()
-        if root.resolve() not in f.parents:
-            raise UserError(f"contrast adapter {root}: file {rel!r} lies outside the adapter directory")
-        if not f.is_file() or file_sha256(f) != digest:
-            raise UserError(f"contrast adapter {root}: {rel} is missing or does not match its sha256 in the manifest")
-    return root / "adapter", "adapter-" + file_sha256(path)[:8]
 
 
 def load_trained(registry_root: str | Path, version: str | None = None, options: ModelOptions | None = None,

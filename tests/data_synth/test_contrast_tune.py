@@ -53,8 +53,9 @@ def test_margin_is_the_contrastive_scorers_own_preference(tiny_model_dir, tmp_pa
 
 
 def test_tune_writes_a_verified_adapter_that_the_scorer_merges(tiny_model_dir, tmp_path):
-    from data_synth.contrast_tune import MANIFEST, tune
+    from data_synth.contrast_tune import tune
     from principles.schema import Principle
+    from rm_core.registry import MANIFEST
     from rm_core.scorers import load_zero_shot
 
     axes = write_axes(tmp_path / "axes.yaml", ["dog", "cat", "sun", "tea"])
@@ -84,13 +85,17 @@ def test_tune_writes_a_verified_adapter_that_the_scorer_merges(tiny_model_dir, t
 
 
 def test_a_tampered_or_foreign_adapter_is_refused(tiny_model_dir, tmp_path):
-    from data_synth.contrast_tune import MANIFEST, tune
-    from rm_core.scorers import verified_contrast_adapter
+    from data_synth.contrast_tune import tune
+    from rm_core.registry import MANIFEST, verified_contrast_adapter
 
     axes = write_axes(tmp_path / "axes.yaml", ["dog", "cat", "sun"])
     out = tmp_path / "run"
     manifest = tune(tiny_config(tiny_model_dir, axes, max_train_pairs=2), out, evaluate_check=False, progress=False)
     verified_contrast_adapter(out, str(tiny_model_dir))  # as written: accepted
+    (out / "adapter" / "extra.bin").write_bytes(b"pickle")  # the registry's rule: safetensors only
+    with pytest.raises(UserError, match="pickle-format"):
+        verified_contrast_adapter(out, str(tiny_model_dir))
+    (out / "adapter" / "extra.bin").unlink()
     with pytest.raises(UserError, match="trained on"):
         verified_contrast_adapter(out, "embedded")
     weights = next(f for f in manifest["files"] if f.endswith(".safetensors"))

@@ -103,7 +103,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def resolve_trained(args: argparse.Namespace) -> str:
     """The trained scorer's version name as the service reports it; sets ``args.model`` to its base model.
     The version's files are verified when the workers load it."""
-    from rm_core.registry import SHIPPED_PREFIX, SHIPPED_REGISTRY, Registry, RegistryError
+    from rm_core.registry import (
+        CONTRAST_ADAPTER_KIND,
+        SHIPPED_PREFIX,
+        SHIPPED_REGISTRY,
+        Registry,
+        RegistryError,
+    )
 
     root = Path(args.registry) if args.registry else SHIPPED_REGISTRY
     reg = Registry(root)
@@ -115,6 +121,9 @@ def resolve_trained(args: argparse.Namespace) -> str:
         manifest = reg.manifest(version, verify=False)
     except RegistryError as e:
         raise UserError(str(e)) from None
+    if manifest.kind == CONTRAST_ADAPTER_KIND:
+        raise UserError(f"{version} of {root} is a contrast adapter (the contrastive scorer's k+1 passes), not a "
+                        "one-pass trained RM: benchmark the contrastive scorer, or pass --registry DIR of a trained one")
     if args.model is not None and args.model != manifest.base_model:
         raise UserError(f"--model {args.model!r} is not the base model of {version} ({manifest.base_model!r}); "
                         "leave --model out with --scorer trained")

@@ -141,19 +141,28 @@ def _contrast_tune_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int)
     p.add_argument("--max-train-pairs", type=int, help="train on the first N shuffled pairs (smoke runs)")
     p.add_argument("--no-check", action="store_true", help="skip the check-set accuracy before and after")
+    p.add_argument("--ship", action="store_true",
+                   help="then make the adapter the RM shipped with the package (rm_core/shipped), which "
+                        "`scorer: auto` serves; refused when it does not beat the zero-shot scorer on held-out axes")
     return p
 
 
 def _contrast_tune(args, argv: list[str]) -> int:
     from rm_core.registry import MANIFEST
 
-    from .contrast_tune import ContrastTuneConfig, tune
+    from .contrast_tune import ContrastTuneConfig, ship_adapter, ship_refusal, tune
 
     out = Path(args.out)
     if (out / MANIFEST).exists():
         raise UserError(f"{out} already holds a trained adapter ({MANIFEST}); choose a new --out")
     cfg = _nested(ContrastTuneConfig, args.config, {"epochs": args.epochs, "max_train_pairs": args.max_train_pairs})
-    _print(tune(cfg, out, command=" ".join(["salmon", *argv]), evaluate_check=not args.no_check))
+    report = tune(cfg, out, command=" ".join(["salmon", *argv]), evaluate_check=not args.no_check)
+    if args.ship:
+        why = ship_refusal(report, cfg.ship_min_flip)
+        if why:
+            raise UserError(f"not shipped: {why}; the adapter stays in {out} and the shipped RM is unchanged")
+        report["shipped"] = str(ship_adapter(out))
+    _print(report)
     return 0
 
 

@@ -127,15 +127,16 @@ def evaluate(model, renderer, rows: Sequence[dict], pad_id: int, batch_size: int
 
 def _init_version(cfg: TrainConfig, registry, parent: str | None):
     """(registry, version) whose adapter training starts from, or None for a fresh LoRA on the base."""
-    from rm_core.registry import SHIPPED_REGISTRY, Registry, shipped_version
+    from rm_core.registry import SHIPPED_REGISTRY, Registry, shipped_one_pass_version, shipped_version
 
     if cfg.init_from == "parent" and parent:
         return registry, parent
     if cfg.init_from == "shipped":
-        version = shipped_version(cfg.base_model)
+        version = shipped_one_pass_version(cfg.base_model)
         if version is None:
-            raise UserError(f"init_from shipped: salmon ships no reward model for base {cfg.base_model!r} "
-                            "(only for 'embedded'); use init_from: base")
+            what = ("is a contrast adapter for the contrastive scorer, not a one-pass RM with a head to fine-tune"
+                    if shipped_version(cfg.base_model) else f"does not exist for base {cfg.base_model!r}")
+            raise UserError(f"init_from shipped: the reward model shipped with salmon {what}; use init_from: base")
         return Registry(SHIPPED_REGISTRY), version
     return None
 

@@ -76,10 +76,17 @@ def scorer_score_fn(scorer):
     return score_fn
 
 
-def run_check(model: str, path: Path, scorers: list[str], registry: str | None = None,
+def check_pairs(path: Path, limit: int | None = None) -> list[dict]:
+    """The flip pairs of ``path`` with each principle's plain and opposite forms (for the plain column)."""
+    forms = plain_forms()
+    return [{**p, **forms.get(flip_pair_principle(p).name, {})} for p in load_pairs(path, limit, evenly_spaced=True)]
+
+
+def run_check(model: str, path: Path | None, scorers: list[str], registry: str | None = None,
               limit: int | None = None, modes: tuple[str, ...] | None = None, seed: int = 0,
-              contrast_adapter: str | Path | None = None) -> dict:
-    """The flip table (single / inside a set of 5 / plain text) of each scorer on the check set."""
+              contrast_adapter: str | Path | None = None, pairs: list[dict] | None = None) -> dict:
+    """The flip table (single / inside a set of 5 / plain text) of each scorer on the check set
+    (``path``), or on ``pairs`` already built (e.g. the held-out axes' written pairs)."""
     from rm_core.scorers import ProbeScorer, load_shipped, load_trained, load_zero_shot
 
     unknown = [v for v in scorers if v not in SCORERS]
@@ -87,9 +94,10 @@ def run_check(model: str, path: Path, scorers: list[str], registry: str | None =
         raise UserError(f"unknown scorers {unknown}; choose from {list(SCORERS)}")
     if "trained" in scorers and not registry:
         raise UserError("the 'trained' scorer needs --registry DIR")
-    forms = plain_forms()
-    pairs = [{**p, **forms.get(flip_pair_principle(p).name, {})}
-             for p in load_pairs(path, limit, evenly_spaced=True)]
+    if pairs is None:
+        pairs = check_pairs(path, limit)
+    elif limit and limit < len(pairs):
+        pairs = [pairs[i * len(pairs) // limit] for i in range(limit)]
     modes = tuple(modes or FLIP_MODES)
     t0 = time.perf_counter()
     tables: dict[str, dict] = {}
@@ -111,7 +119,8 @@ def run_check(model: str, path: Path, scorers: list[str], registry: str | None =
         tables[kind] = {"version": scorer.version,
                         **flip_table(scorer_score_fn(scorer), pairs, seed=seed, modes=modes, desc=kind),
                         "seconds": round(time.perf_counter() - t1, 1)}
-    return {"check_set": str(path), "pairs": len(pairs), "model": model, "modes": list(modes),
+    return {"check_set": str(path) if path else "held-out axes", "pairs": len(pairs), "model": model,
+            "modes": list(modes),
             "seconds": round(time.perf_counter() - t0, 1), "scorers": tables}
 
 

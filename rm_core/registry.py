@@ -198,8 +198,8 @@ def verified_contrast_adapter(root: str | os.PathLike, base_model: str) -> tuple
     return root / CONTRAST_ADAPTER_DIR, "adapter-" + file_sha256(path)[:8]
 
 
-def shipped_version(base_model: str) -> str | None:
-    """The shipped RM's version when it exists for ``base_model`` (its manifest names the base), else None."""
+def shipped_manifest(base_model: str) -> Manifest | None:
+    """The shipped RM's manifest when one ships for ``base_model``, else None (files not verified here)."""
     reg = Registry(SHIPPED_REGISTRY)
     version = reg.current()
     if not version:
@@ -208,4 +208,40 @@ def shipped_version(base_model: str) -> str | None:
         manifest = reg.manifest(version, verify=False)
     except RegistryError:
         return None
-    return version if manifest.base_model == base_model else None
+    return manifest if manifest.base_model == base_model else None
+
+
+def shipped_version(base_model: str) -> str | None:
+    """The shipped RM's version when it exists for ``base_model`` (its manifest names the base), else None."""
+    manifest = shipped_manifest(base_model)
+    return manifest.version if manifest else None
+
+
+def shipped_one_pass_version(base_model: str) -> str | None:
+    """The shipped RM's version when it is a one-pass reward model (a head to fine-tune) for
+    ``base_model``; None when none ships or the shipped one is a contrast adapter."""
+    manifest = shipped_manifest(base_model)
+    return manifest.version if manifest and manifest.kind != CONTRAST_ADAPTER_KIND else None
+
+
+def ship(build_dir: Path, manifest: dict[str, Any], target: Path | None = None) -> Path:
+    """Make ``build_dir`` (with ``manifest``) the RM shipped with the package, as ``target``/v0001.
+
+    The new tree is published into a staging registry beside ``target`` and swapped in by renames, so
+    a crash leaves either the old shipped RM or the new one, never a mix; the result is verified
+    against its manifest. ``manifest`` carries what the version's manifest should say (its version and
+    file list are made here).
+    """
+    target = Path(target or SHIPPED_REGISTRY)
+    manifest = {k: v for k, v in manifest.items() if k not in {"version", "files", "training_data"}}
+    staging = target.with_name(f".{target.name}-new")
+    shutil.rmtree(staging, ignore_errors=True)
+    Registry(staging).publish(build_dir, manifest, version="v0001")
+    old = target.with_name(f".{target.name}-old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.rename(target, old)
+    os.rename(staging, target)
+    shutil.rmtree(old, ignore_errors=True)
+    Registry(target).manifest("v0001", verify=True)
+    return target

@@ -665,11 +665,32 @@ def load_trained(registry_root: str | Path, version: str | None = None, options:
                          reward_mean=manifest.reward_mean, reward_std=manifest.reward_std, **kwargs)
 
 
-def load_shipped(options: ModelOptions | None = None, **kwargs) -> TrainedScorer:
+def load_shipped(options: ModelOptions | None = None, **kwargs) -> LMScorer:
     """The RM shipped with the package (rm_core/shipped), verified like any registry version; its
-    model_version is ``shipped:vNNNN`` so that it never collides with a user registry's names."""
-    from rm_core.registry import SHIPPED_PREFIX, SHIPPED_REGISTRY
+    model_version is ``shipped:vNNNN`` so that it never collides with a user registry's names.
 
+    The shipped RM is either a one-pass reward model (a registry version: backbone + LoRA + head) or
+    a contrast adapter (`salmon contrast-tune --ship`: a LoRA merged into the contrastive scorer's LM);
+    its manifest's ``kind`` says which.
+    """
+    from rm_core.registry import (
+        CONTRAST_ADAPTER_KIND,
+        SHIPPED_PREFIX,
+        SHIPPED_REGISTRY,
+        Registry,
+        RegistryError,
+    )
+
+    reg = Registry(SHIPPED_REGISTRY)
+    version = reg.current()
+    if not version:
+        raise RegistryError(f"salmon ships no reward model in this installation ({reg.root} has no CURRENT); "
+                            "build one with `salmon contrast-tune --ship` or `salmon rm-pretrain --ship`")
+    manifest = reg.manifest(version, verify=False)
+    if manifest.kind == CONTRAST_ADAPTER_KIND:
+        scorer = load_zero_shot("contrastive", manifest.base_model, options, adapter=reg.path(version), **kwargs)
+        scorer.version = SHIPPED_PREFIX + version
+        return scorer
     scorer = load_trained(SHIPPED_REGISTRY, None, options, **kwargs)
     scorer.version = SHIPPED_PREFIX + scorer.version
     return scorer

@@ -142,6 +142,9 @@ def check(argv: list[str]) -> int:
     p.add_argument("--contrast-adapter", help="merge this `salmon contrast-tune` adapter into the contrastive scorer")
     p.add_argument("--out", help="write the report JSON here")
     p.add_argument("--limit", type=int, help="only N pairs, spread evenly over the check set's principles")
+    p.add_argument("--held-out-axes", type=int, metavar="N", dest="held_out_per_axis",
+                   help="instead of the check set: the first N written pairs of each axis that `salmon "
+                        "contrast-tune` and `salmon rm-pretrain` hold out of training")
     args = p.parse_args(argv)
     variants = [s.strip() for s in args.scorers.split(",") if s.strip()]
     if args.registry and "trained" not in variants:
@@ -154,9 +157,18 @@ def check(argv: list[str]) -> int:
     bad = [m for m in modes if m not in FLIP_MODES]
     if bad:
         raise UserError(f"--modes: unknown mode {', '.join(map(repr, bad))}; choose from {', '.join(FLIP_MODES)}")
-    report = run_check(args.model, Path(args.check_set) if args.check_set else DEFAULT_CHECK_SET,
+    pairs = None
+    if args.held_out_per_axis is not None:
+        if args.check_set:
+            raise UserError("--held-out-axes and --check-set are two sources of pairs: give one")
+        if args.held_out_per_axis < 1:
+            raise UserError("--held-out-axes must be at least 1 (pairs per held-out axis)")
+        from data_synth.pretrain import DEFAULT_HELD_OUT, heldout_flip_pairs, load_axes
+
+        pairs = heldout_flip_pairs([a for a in load_axes() if a.name in DEFAULT_HELD_OUT], args.held_out_per_axis)
+    report = run_check(args.model, None if pairs else Path(args.check_set) if args.check_set else DEFAULT_CHECK_SET,
                        variants, registry=args.registry, limit=args.limit, modes=modes,
-                       contrast_adapter=args.contrast_adapter)
+                       contrast_adapter=args.contrast_adapter, pairs=pairs)
     if args.out:
         from salmon.atomic import atomic_write_text
 

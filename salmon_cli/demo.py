@@ -78,11 +78,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.synth_prompts is None:
-        from rm_core.registry import shipped_version
+        from rm_core.registry import shipped_one_pass_version
 
         # A fresh LoRA on a few demo prompts reads no principles (flip rate 0 on held-out pairs), while
-        # the zero-shot contrastive scorer does: without a shipped RM to fine-tune, RL keeps the latter.
-        args.synth_prompts = 8 if shipped_version(args.model) else 0
+        # the contrastive scorer does: without a shipped one-pass RM to fine-tune, RL keeps what is served.
+        args.synth_prompts = 8 if shipped_one_pass_version(args.model) else 0
     if args.synth_prompts < 0:
         p.error("--synth-prompts must be 0 (skip) or more")
     if args.generations < 2:
@@ -164,15 +164,16 @@ def build_reward_model(args: argparse.Namespace, run_dir: Path, registry: Path, 
         return {"version": info["model_version"], "scorer": info["scorer"], "init_from": None, "synth": None}
     from data_synth.config import SynthRunConfig
     from data_synth.pipeline import run_pipeline
-    from rm_core.registry import shipped_version
+    from rm_core.registry import shipped_one_pass_version
 
     synth_cfg = SynthRunConfig(num_prompts=args.synth_prompts, out=run_dir / "synth")  # the run's own defaults
     synth_cfg.sample.policy = synth_cfg.judge.model = args.model
     synth_cfg.train.base_model, synth_cfg.train.registry = args.model, registry
     # SALMON fine-tunes a pre-trained preference model; salmon ships one for the embedded base only.
-    synth_cfg.train.init_from = "shipped" if shipped_version(args.model) else "base"
+    synth_cfg.train.init_from = "shipped" if shipped_one_pass_version(args.model) else "base"
     if args.model == "embedded" and synth_cfg.train.init_from == "base":
-        print("      this installation ships no RM (rm_core/shipped): training a fresh LoRA on the base", flush=True)
+        print("      this installation ships no one-pass RM (rm_core/shipped): training a fresh LoRA on the base",
+              flush=True)
     synth = run_pipeline(synth_cfg)
     version = synth["train"]["version"]
     info = wait_for_version(url, version)

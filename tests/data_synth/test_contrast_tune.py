@@ -52,6 +52,72 @@ def test_margin_is_the_contrastive_scorers_own_preference(tiny_model_dir, tmp_pa
     assert margin == pytest.approx(sa - sb, abs=1e-3)
 
 
+def test_packed_rows_score_as_the_rows_apart(tiny_model_dir):
+    """A packed row (prefix, a, b with b blind to a) gives each response the log-probability it gets
+    scored on its own after the prefix: the served scorer's number."""
+    import torch
+
+    from data_synth.contrast_tune import ContrastObjective, build_examples
+    from data_synth.pretrain import load_axes
+    from rm_core.batching import right_pad
+    from salmon.modeling import load_causal_lm, load_tokenizer
+
+    tok, model = load_tokenizer(str(tiny_model_dir)), load_causal_lm(str(tiny_model_dir)).eval()
+    axes = load_axes()[::17]  # one axis of each file or so: several families, so sets can be built
+    examples = build_examples(axes, axes, ["single", "set", "plain"], epoch=0, seed=0)[:9]
+    assert {e.form for e in examples} == {"single", "set", "plain"}
+    obj = ContrastObjective(model, tok)
+    rows = [r for e in examples for r in obj.packed_rows(e)]
+    with torch.no_grad():
+        packed = obj.logprob_sums(rows)
+        apart = []
+        for p, a, b in rows:
+            for y in (a, b):
+                ids, mask = right_pad([p + y], tok.pad_token_id)
+                logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[0].float(), -1)
+                apart.append(float(logp[len(p) - 1:len(p) + len(y) - 1].gather(1, torch.tensor(y)[:, None]).sum()))
+    assert packed.flatten().tolist() == pytest.approx(apart, abs=1e-3)
+
+
+def test_each_form_asks_what_the_scorer_is_asked(tiny_model_dir):
+    """single: the principle vs its negation; set: the target toggled (sign − when the set holds it
+    negated) and one distractor toggled as a tie; plain: instruction and opposite vs a generic one."""
+    from data_synth.contrast_tune import build_examples
+    from data_synth.pretrain import load_axes
+    from rm_core.render import PRINCIPLE_HEADER, REFERENCE_INSTRUCTIONS
+
+    axes = load_axes()
+    by_name = {a.name: a for a in axes}
+    examples = build_examples(axes, axes, ["single", "set", "plain"], epoch=1, seed=3)
+    assert len(examples) == sum(len(a.pairs) for a in axes)
+    signs = set()
+    for e in examples:
+        ax = by_name[e.axis]
+        lines = [b.split("\n")[1:] for b in e.blocks]
+        if e.form == "single":
+            assert lines == [[f"- {ax.definition}"], [f"- {ax.negative_definition}"]] and e.margins == ((0, 1, 1),)
+        elif e.form == "plain":
+            assert lines[:2] == [[f"- {ax.plain}"], [f"- {ax.opposite}"]] and lines[2][0][2:] in REFERENCE_INSTRUCTIONS
+            assert e.margins == ((0, 2, 1), (1, 2, -1)) and not e.ties
+        else:
+            assert all(b.startswith(PRINCIPLE_HEADER) for b in e.blocks) and len(lines[0]) == 5
+            (i, j, sign), = e.margins
+            changed = [k for k, (x, y) in enumerate(zip(lines[0], lines[1], strict=True)) if x != y]
+            assert len(changed) == 1 and {lines[0][changed[0]], lines[1][changed[0]]} == {
+                f"- {ax.definition}", f"- {ax.negative_definition}"}
+            assert sign == (1 if lines[0][changed[0]] == f"- {ax.definition}" else -1)
+            signs.add(sign)
+            tie_changed = [k for k, (x, y) in enumerate(zip(lines[0], lines[2], strict=True)) if x != y]
+            assert e.ties == ((0, 2),) and len(tie_changed) == 1 and tie_changed != changed
+    assert signs == {1, -1}
+    # every pair meets each form over three epochs
+    forms = {}
+    for epoch in range(3):
+        for e in build_examples(axes, axes, ["single", "set", "plain"], epoch=epoch, seed=3):
+            forms.setdefault((e.axis, e.prompt, e.follows), set()).add(e.form)
+    assert all(f == {"single", "set", "plain"} for f in forms.values())
+
+
 def test_tune_writes_a_verified_adapter_that_the_scorer_merges(tiny_model_dir, tmp_path):
     from data_synth.contrast_tune import tune
     from principles.schema import Principle
@@ -63,7 +129,10 @@ def test_tune_writes_a_verified_adapter_that_the_scorer_merges(tiny_model_dir, t
     manifest = tune(tiny_config(tiny_model_dir, axes, epochs=2), out, command="salmon contrast-tune --out run",
                     evaluate_check=False, progress=False)
     assert manifest == json.loads((out / MANIFEST).read_text())
-    assert manifest["train_pairs"] == 6 and manifest["held_out_pairs"] == 2 and manifest["steps"] == 6
+    assert manifest["train_pairs"] == 6 and manifest["held_out_pairs"] == 2
+    assert manifest["train_examples"] == 12 and manifest["steps"] >= 6  # 2 epochs; a step holds one form
+    tables = manifest["metrics"]["held_out_axes"]
+    assert set(tables) == {"single", "set", "plain"} and tables["single"]["pairs"] == 2
     assert manifest["command"] == "salmon contrast-tune --out run" and len(manifest["data_sha256"]) == 64
     assert any(f.endswith(".safetensors") for f in manifest["files"])
     # lr 1e-2 on six pairs: the training pairs' loss falls from the first epoch to the second

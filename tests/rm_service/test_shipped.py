@@ -143,5 +143,5 @@ def test_init_from_shipped_without_a_shipped_rm_for_the_base_is_a_user_error(use
         "prompt": "Hi.", "chosen": "Hello.", "rejected": "Go away.", "negated": [],
         "principles": [{"name": "p1", "definition": "Be polite."}]}])
     cfg = TrainConfig(base_model=str(other), registry=tmp_path / "reg", init_from="shipped", epochs=1)
-    with pytest.raises(UserError, match="ships no reward model"):
+    with pytest.raises(UserError, match="does not exist for base"):
         train_reward_model(tmp_path / "train.jsonl", None, cfg)

@@ -29,10 +29,10 @@ def test_defaults_steer_one_policy_two_ways():
     assert (args.principle_set, args.opposite_set) == ("concise", "detailed")
     assert args.max_completion_length == 128 and args.scorer == "auto" and args.model == "embedded"
     assert args.steps >= 10 and args.heldout_prompts == 8
-    # The synthetic-preference stage fine-tunes a shipped RM; with none shipped it is skipped by default.
-    from rm_core.registry import shipped_version
+    # The synthetic-preference stage fine-tunes a shipped one-pass RM; without one it is skipped by default.
+    from rm_core.registry import shipped_one_pass_version
 
-    assert args.synth_prompts == (8 if shipped_version("embedded") else 0)
+    assert args.synth_prompts == (8 if shipped_one_pass_version("embedded") else 0)
     # --prompts (the demo's earlier name for the synthetic-preference prompts) still works
     assert demo.parse_args(["--prompts", "3"]).synth_prompts == 3
     assert demo.parse_args(["--synth-prompts", "0"]).synth_prompts == 0
@@ -79,7 +79,8 @@ def test_the_rm_is_fine_tuned_from_the_shipped_one_when_there_is_one(monkeypatch
         seen["cfg"] = cfg
         return {"train": {"version": "v0001"}}
 
-    monkeypatch.setattr(rm_core.registry, "shipped_version", lambda base: shipped if base == "embedded" else None)
+    monkeypatch.setattr(rm_core.registry, "shipped_one_pass_version",
+                        lambda base: shipped if base == "embedded" else None)
     monkeypatch.setattr(data_synth.pipeline, "run_pipeline", fake_pipeline)
     monkeypatch.setattr(demo, "wait_for_version", lambda url, version: {"model_version": version, "scorer": "trained"})
     args = demo.parse_args(["--synth-prompts", "5"])

@@ -325,6 +325,27 @@ class ContrastObjective:
         return round(hits / len(quads), 4)
 
 
+def training_plan(cfg: ContrastTuneConfig) -> tuple[list[Axis], list[Axis], list[list[list[Example]]]]:
+    """(training axes, held-out axes, each epoch's training steps) of ``cfg``: what `tune` trains on,
+    deterministic under its seed, so that a shipped adapter's data can be checked without training."""
+    train_axes, held_axes = split_axes(load_axes(cfg.axes_files), cfg.held_out_axes)
+    epochs = []
+    for epoch in range(cfg.epochs):
+        ex = build_examples(train_axes, train_axes, cfg.forms, epoch, cfg.seed, cfg.distractors)
+        epochs.append(training_steps(ex[:cfg.max_train_pairs] if cfg.max_train_pairs else ex, cfg.pairs_per_step,
+                                     f"{cfg.seed}:{epoch}:steps"))
+    return train_axes, held_axes, epochs
+
+
+def trained_pairs(epochs: list[list[list[Example]]]) -> list[tuple[str, str, str, str]]:
+    return sorted({(e.axis, e.prompt, e.follows, e.violates) for batches in epochs for b in batches for e in b})
+
+
+def data_hash(epochs: list[list[list[Example]]]) -> str:
+    """The manifest's ``data_sha256``: the written pairs trained on, whatever their forms."""
+    return stable_hash([list(t) for t in trained_pairs(epochs)], n=64)
+
+
 def _check_quads() -> list[Quad]:
     from rm_core.checkset import DEFAULT_CHECK_SET, flip_pair_principle, load_pairs
 
@@ -341,14 +362,8 @@ def tune(cfg: ContrastTuneConfig, out: Path, *, command: str = "", evaluate_chec
 
     from salmon.modeling import ModelOptions, load_causal_lm, load_tokenizer
 
-    axes = load_axes(cfg.axes_files)
-    train_axes, held_axes = split_axes(axes, cfg.held_out_axes)
+    train_axes, held_axes, epochs = training_plan(cfg)
     held = [(p.prompt, a.principle, p.follows, p.violates) for a in held_axes for p in a.pairs]
-    epochs = []  # per epoch, its training steps
-    for epoch in range(cfg.epochs):
-        ex = build_examples(train_axes, train_axes, cfg.forms, epoch, cfg.seed, cfg.distractors)
-        epochs.append(training_steps(ex[:cfg.max_train_pairs] if cfg.max_train_pairs else ex, cfg.pairs_per_step,
-                                     f"{cfg.seed}:{epoch}:steps"))
     torch.manual_seed(cfg.seed)
     tok = load_tokenizer(cfg.base_model)
     base = load_causal_lm(cfg.base_model, ModelOptions(dtype=cfg.dtype, device=cfg.device))
@@ -386,15 +401,14 @@ def tune(cfg: ContrastTuneConfig, out: Path, *, command: str = "", evaluate_chec
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out / CONTRAST_ADAPTER_DIR, safe_serialization=True)
     files = sorted(p for p in (out / CONTRAST_ADAPTER_DIR).rglob("*") if p.is_file())
-    trained = sorted({(e.axis, e.prompt, e.follows, e.violates) for batches in epochs for b in batches for e in b})
     tables = flip_tables(model.merge_and_unload().eval(), tok, cfg.base_model, held_axes, cfg.eval_pairs_per_axis,
                          cfg.seed, check=evaluate_check, progress=progress)
     manifest = {
         "kind": CONTRAST_ADAPTER_KIND, "base_model": cfg.base_model, "command": command,
-        "config": cfg.model_dump(), "data_sha256": stable_hash([list(t) for t in trained], n=64),
+        "config": cfg.model_dump(), "data_sha256": data_hash(epochs),
         "prompt_format_version": PROMPT_FORMAT_VERSION,
         "train_axes": [a.name for a in train_axes], "held_out_axes": [a.name for a in held_axes],
-        "train_pairs": len(trained), "train_examples": sum(len(b) for batches in epochs for b in batches),
+        "train_pairs": len(trained_pairs(epochs)), "train_examples": sum(len(b) for batches in epochs for b in batches),
         "held_out_pairs": len(held), "steps": steps,
         "files": {str(p.relative_to(out)): file_sha256(p) for p in files},
         "metrics": {"single_flip_before": before, "single_flip_after": after, **tables,

@@ -40,6 +40,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from principles.axes import DEFAULT_HELD_OUT, Axis, heldout_flip_pairs, load_axes
 from principles.schema import Principle
 from rm_core.registry import CONTRAST_ADAPTER_DIR, CONTRAST_ADAPTER_KIND, MANIFEST
 from rm_core.render import PROMPT_FORMAT_VERSION
@@ -47,7 +48,6 @@ from salmon.atomic import atomic_write_json, file_sha256
 from salmon.errors import UserError
 
 from .config import DType
-from .pretrain import DEFAULT_HELD_OUT, Axis, load_axes
 from .shards import stable_hash
 
 FORMS = ("single", "set", "plain")
@@ -426,7 +426,6 @@ def flip_tables(model, tokenizer, base_model: str, held_axes: Sequence[Axis], pe
     from rm_core.checkset import DEFAULT_CHECK_SET, check_pairs, flip_table, scorer_score_fn
     from rm_core.scorers import ContrastiveScorer
 
-    from .pretrain import heldout_flip_pairs
 
     scorer = ContrastiveScorer(model, tokenizer, version="contrast-tune", base_model=base_model)
     score_fn = scorer_score_fn(scorer)

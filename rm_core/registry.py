@@ -160,7 +160,7 @@ def verify_files(root: Path, files: dict[str, str], what: str) -> None:
     for rel, digest in files.items():
         f = (root / rel).resolve()
         if root not in f.parents:
-            raise RegistryError(f"{what}: file {rel!r} in {MANIFEST} points outside {root}")
+            raise RegistryError(f"{what}: file {rel!r} in {MANIFEST} points outside the version directory {root}")
         if not f.is_file():
             raise RegistryError(f"{what}: file {rel} listed in the manifest is missing")
         if file_sha256(f) != digest:

@@ -163,7 +163,7 @@ def check(argv: list[str]) -> int:
             raise UserError("--held-out-axes and --check-set are two sources of pairs: give one")
         if args.held_out_per_axis < 1:
             raise UserError("--held-out-axes must be at least 1 (pairs per held-out axis)")
-        from data_synth.pretrain import DEFAULT_HELD_OUT, heldout_flip_pairs, load_axes
+        from principles.axes import DEFAULT_HELD_OUT, heldout_flip_pairs, load_axes
 
         pairs = heldout_flip_pairs([a for a in load_axes() if a.name in DEFAULT_HELD_OUT], args.held_out_per_axis)
     report = run_check(args.model, None if pairs else Path(args.check_set) if args.check_set else DEFAULT_CHECK_SET,

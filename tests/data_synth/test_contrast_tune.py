@@ -58,7 +58,7 @@ def test_packed_rows_score_as_the_rows_apart(tiny_model_dir):
     import torch
 
     from data_synth.contrast_tune import ContrastObjective, build_examples
-    from data_synth.pretrain import load_axes
+    from principles.axes import load_axes
     from rm_core.batching import right_pad
     from salmon.modeling import load_causal_lm, load_tokenizer
 
@@ -83,7 +83,7 @@ def test_each_form_asks_what_the_scorer_is_asked(tiny_model_dir):
     """single: the principle vs its negation; set: the target toggled (sign − when the set holds it
     negated) and one distractor toggled as a tie; plain: instruction and opposite vs a generic one."""
     from data_synth.contrast_tune import build_examples
-    from data_synth.pretrain import load_axes
+    from principles.axes import load_axes
     from rm_core.render import PRINCIPLE_HEADER, REFERENCE_INSTRUCTIONS
 
     axes = load_axes()
@@ -183,7 +183,7 @@ def test_a_tampered_or_foreign_adapter_is_refused(tiny_model_dir, tmp_path):
 def test_bad_held_out_axes_and_a_used_out_dir_are_one_line_errors(tiny_model_dir, tmp_path):
     from data_synth.cli import main
     from data_synth.contrast_tune import split_pairs
-    from data_synth.pretrain import load_axes
+    from principles.axes import load_axes
 
     axes = load_axes([write_axes(tmp_path / "axes.yaml", ["dog", "cat"])])
     with pytest.raises(UserError, match="do not exist: cow"):

@@ -8,16 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from data_synth.pretrain import (
-    DEFAULT_HELD_OUT,
-    Axis,
-    AxisPair,
-    PretrainConfig,
-    build_rows,
-    load_axes,
-    run_pretrain,
-    ship,
-)
+from data_synth.pretrain import PretrainConfig, build_rows, run_pretrain, ship
+from principles.axes import DEFAULT_HELD_OUT, Axis, AxisPair, load_axes
 from principles.schema import Principle
 from rm_core.checkset import flip_table
 from rm_core.registry import Registry, RegistryError

@@ -59,7 +59,7 @@ def truncated_embedded(out: Path, layers: int) -> Path:
 
 def word_axes(words: list[str], rng: random.Random, pairs_per_axis: int = len(TEMPLATES)):
     """One axis per word: follows mentions the word, violates mentions another word of ``words``."""
-    from data_synth.pretrain import Axis, AxisPair
+    from principles.axes import Axis, AxisPair
 
     axes = []
     for word in words:
@@ -98,8 +98,9 @@ def test_pretraining_lifts_the_flip_rate_on_held_out_words(tmp_path, embedded_to
     import torch
 
     from data_synth.config import TrainConfig
-    from data_synth.pretrain import build_rows, heldout_flip_pairs
+    from data_synth.pretrain import build_rows
     from data_synth.rm_train import train_reward_model
+    from principles.axes import heldout_flip_pairs
     from rm_core.checkset import flip_table
     from salmon.atomic import atomic_write_jsonl
 

@@ -27,8 +27,9 @@ def shipped(tmp_path_factory, tiny_model_dir):
     import torch
 
     from data_synth.config import TrainConfig
-    from data_synth.pretrain import build_rows, load_axes, ship
+    from data_synth.pretrain import build_rows, ship
     from data_synth.rm_train import train_reward_model
+    from principles.axes import load_axes
     from salmon.atomic import atomic_write_jsonl
 
     tmp = tmp_path_factory.mktemp("shipped")

@@ -69,7 +69,7 @@ class ContrastTuneConfig(BaseModel):
                                      description="weight of a distractor term's squared A-B difference in 'set'")
     lora_r: int = Field(default=8, ge=1)
     lora_alpha: int = Field(default=16, ge=1)
-    lora_layers: int | None = Field(default=None, ge=1, description="LoRA on the top N layers only (None: all)")
+    lora_layers: int | None = Field(default=15, ge=1, description="LoRA on the top N layers only (None: all)")
     target_modules: list[str] = Field(default_factory=lambda: [
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     learning_rate: float = Field(default=2e-4, gt=0)

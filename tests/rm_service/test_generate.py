@@ -204,7 +204,7 @@ def test_rain_on_the_embedded_model_streams_a_valued_answer():
             evs = events(r.read().decode())
     done = evs[-1][1]
     st = done["stats"]
-    assert evs[-1][0] == "done" and done["scorer"] == "contrastive" and done["model_version"] == "contrastive:embedded"
+    assert evs[-1][0] == "done" and done["scorer"] == "contrastive" and done["model_version"] == "shipped:v0001"  # auto: the shipped RM
     assert "".join(d["text"] for n, d in evs if n == "segment") == done["text"]
     assert st["tokens_committed"] <= 12 and st["iterations"] <= 6 and st["wall_s"] < 40
     assert st["value_evaluations"] >= 2 and st["final_value"] is not None

@@ -399,6 +399,8 @@ def tune(cfg: ContrastTuneConfig, out: Path, *, command: str = "", evaluate_chec
     train_s = time.monotonic() - t0
     after = {"held_out_axes": objective.accuracy(held), "check_set": objective.accuracy(check) if check else None}
     out.mkdir(parents=True, exist_ok=True)
+    # The base as the user named it, not the cache path it resolved to on this machine.
+    model.peft_config["default"].base_model_name_or_path = cfg.base_model
     model.save_pretrained(out / CONTRAST_ADAPTER_DIR, safe_serialization=True)
     files = sorted(p for p in (out / CONTRAST_ADAPTER_DIR).rglob("*") if p.is_file())
     tables = flip_tables(model.merge_and_unload().eval(), tok, cfg.base_model, held_axes, cfg.eval_pairs_per_axis,

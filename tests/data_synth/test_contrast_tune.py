@@ -135,6 +135,8 @@ def test_tune_writes_a_verified_adapter_that_the_scorer_merges(tiny_model_dir, t
     assert set(tables) == {"single", "set", "plain"} and tables["single"]["pairs"] == 2
     assert manifest["command"] == "salmon contrast-tune --out run" and len(manifest["data_sha256"]) == 64
     assert any(f.endswith(".safetensors") for f in manifest["files"])
+    adapter_cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter_cfg["base_model_name_or_path"] == str(tiny_model_dir)  # as named, no machine's cache path
     # lr 1e-2 on six pairs: the training pairs' loss falls from the first epoch to the second
     first, second = manifest["metrics"]["loss_by_epoch"]
     assert second < first

@@ -456,8 +456,8 @@ def main(argv: list[str]) -> int:
         if args.synth_prompts:
             print(f"[2/5] synthetic preferences on {args.synth_prompts} prompts → reward model", flush=True)
         else:
-            print("[2/5] no synthetic-preference stage (--synth-prompts 0; salmon ships no RM for this model "
-                  "to fine-tune): serving the scorer the service started with", flush=True)
+            print("[2/5] no synthetic-preference stage (--synth-prompts 0; salmon ships no one-pass RM for this "
+                  "model to fine-tune): serving the scorer the service started with", flush=True)
         rm = build_reward_model(args, run_dir, registry, url)
         timings["synth_and_rm_train_s"] = round(time.monotonic() - t, 1)
         print(f"      the service scores with {rm['version']} ({rm['scorer']})", flush=True)

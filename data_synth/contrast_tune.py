@@ -428,7 +428,6 @@ def flip_tables(model, tokenizer, base_model: str, held_axes: Sequence[Axis], pe
     from rm_core.checkset import DEFAULT_CHECK_SET, check_pairs, flip_table, scorer_score_fn
     from rm_core.scorers import ContrastiveScorer
 
-
     scorer = ContrastiveScorer(model, tokenizer, version="contrast-tune", base_model=base_model)
     score_fn = scorer_score_fn(scorer)
     held = heldout_flip_pairs(held_axes, per_axis)

@@ -45,10 +45,6 @@ from .shards import stable_hash
 VARIANTS = ("single", "set", "plain")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
 def _row(prompt: str, chosen: str, rejected: str, principles: Sequence[Principle], negated: Sequence[str],
          dominant: str, axis: str, variant: str) -> dict[str, Any]:
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected,
@@ -102,8 +98,10 @@ def build_rows(axes: Sequence[Axis], *, distractor_pool: Sequence[Axis], distrac
     return [r for g in groups for r in g]
 
 
-class PretrainConfig(_Strict):
+class PretrainConfig(BaseModel):
     """``salmon rm-pretrain``: which axes, how the minimal pairs are built, and the trainer's settings."""
+
+    model_config = ConfigDict(extra="forbid")
 
     axes: list[Path] = Field(default_factory=list, description="Axis YAML files (default: the shipped set).")
     held_out_axes: list[str] = Field(default_factory=lambda: list(DEFAULT_HELD_OUT),
